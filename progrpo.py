@@ -1,0 +1,870 @@
+"""Pro-GRPO: expand-and-prune GRPO for text-to-image flow models, in one file.
+
+Paper: Ge, Huang, Ai, Fan, Huang, He, "Expand and Prune: Maximizing Trajectory Diversity for Effective
+GRPO in Generative Models", CVPR 2026, arXiv 2512.15347. No official code has been published; this is a
+reference implementation. Where the paper is silent we follow Flow-GRPO (github yifan123/flow_grpo), the
+baseline it compares against, and say so.
+
+Why. GRPO scores a group of G images per prompt and uses A_i = (R_i - mean) / std as the advantage.
+Most rewards cluster near the group mean, so most trajectories get |A| ~ 0 and teach nothing, yet each
+costs a full rollout. Pro-GRPO samples a larger group, predicts every trajectory's final reward cheaply
+part-way through denoising, and keeps only the subset with the largest reward variance.
+
+The algorithm, one epoch:
+  1. Draw B prompts. For each, start G_max trajectories from independent noise (the expanded group).
+  2. Denoise with Flow-GRPO's SDE sampler, keeping every latent x_t and the log-prob of every step.
+  3. At each checkpoint t_k of the prune schedule (after t_k steps, before step t_k is taken), reuse the
+     velocity v that step t_k needs anyway to project each live trajectory to its final sample in one
+     ODE step, decode it and score it: the proxy reward. No extra transformer call.
+  4. Per prompt, keep the K_k trajectories whose proxy rewards have the largest variance (Optimal
+     Variance Filtering, exact) and stop the others at once.
+  5. Finish the survivors, decode, score: the true rewards R.
+  6. Advantages A = (R - mean_S) / (std_S + 1e-4) over each prompt's K survivors, clipped to |A| <= 5.
+  7. PPO-clip GRPO update on the survivors' stored steps, plus a KL penalty to the frozen base model.
+
+Equations (sigma runs from 1 = noise to 0 = data; x_sigma = (1 - sigma) x0 + sigma eps):
+  SDE step      x_next = mean + std sqrt(-dt) z,  dt = sigma_next - sigma,  std = a sqrt(sigma / (1 - sigma'))
+                mean   = x + v dt + std^2 / (2 sigma) (x + (1 - sigma) v) dt
+  log-prob      log N(x_next; mean, std^2 (-dt)) averaged over C*H*W
+  projection    x0_hat = x_t - sigma_t v_t        (the paper's x_T ~ x_{t_i} + (T - t_i) b_ODE)
+  OVF           S* = argmax_{|S| = K} Var({R_i : i in S}); the optimum is the j lowest and K - j highest
+  loss          mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))) + beta KL,  r = exp(logp_new - logp_old)
+
+Where this departs from Flow-GRPO:
+  1. Groups are expanded and pruned inside the sampling loop (the method); `--prune none` turns it off.
+  2. Each trajectory draws its noise from its own generator seeded by (seed, epoch, prompt, member), so a
+     survivor is bit-for-bit the trajectory it would have been without pruning, at any batch size.
+  3. Advantages are normalised within each prompt's survivors (Flow-GRPO: per-prompt mean and std over
+     the same prompt's group as well; `--global_std` gives its batch-wide std variant).
+  4. One PickScore preprocessing path on tensors (resize, crop, normalise on the device) instead of a
+     round trip through PIL; the scores differ from the PIL path only by resampling round-off.
+  5. Prompts per epoch are drawn by one seeded permutation, not by Flow-GRPO's distributed group sampler.
+
+Glossary: B prompts per epoch, G group size (G_max expanded), K survivors, T denoising steps, x latents,
+sigma / sigma_next noise levels, dt = sigma_next - sigma, v model output (velocity), mean / std of a step,
+logp_old (sampling) / logp_new (update), ratio, adv. Flattened minibatch tensors carry a `b_` prefix.
+
+Run:
+  bash run.sh                     # CPU demo: tiny random SD3 model, weight-free colour reward, minutes
+  bash run.sh test                # the test suite
+  bash run.sh sd35                # the paper's flow setting on GPUs (SD3.5-Medium, PickScore, 48 -> 24 -> 12)
+  python progrpo.py --help        # every flag, with its meaning
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+try:  # Triton kernels for the update's log-prob and the advantages; same numbers as the torch code here
+    import kernels
+except ImportError:
+    kernels = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config. Defaults are the paper's SD3.5-Medium Pro-GRPO setting (Flow-GRPO values where it is silent).
+# ----------------------------------------------------------------------------------------------------
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    # TRY NOT TO MODIFY: run plumbing
+    pretrained_model_name_or_path: str = arg("stabilityai/stable-diffusion-3.5-medium", "hub id, local pipeline folder, or 'tiny' (random-weight SD3 built offline)")
+    output_dir: str = arg("outputs/progrpo", "where metrics.jsonl, prune_audit.jsonl, sample grids and LoRA weights go")
+    seed: int = arg(0, "seeds prompt order and every trajectory's noise")
+    mixed_precision: str = arg("fp16", "model weights dtype on GPU: no | fp16 | bf16 (step math and LoRA stay fp32; CPU always fp32)")
+    prompts: str = arg("dataset/pickscore/train.txt", "training prompts, one per line; 'demo' = built-in colour prompts")
+    eval_prompts: str = arg("dataset/pickscore/test.txt", "held-out prompts for evaluation; 'demo' = built-in colour prompts")
+    num_eval_prompts: int = arg(16, "evaluate on the first N held-out prompts")
+    num_epochs: int = arg(300, "epochs; each samples B prompts, prunes, and updates")
+    eval_every: int = arg(10, "evaluate (ODE sampling, held-out prompts, sample grid) every N epochs; 0 = never")
+    checkpointing_steps: int = arg(50, "save LoRA weights every N epochs (always at the end)")
+    # ALGO LOGIC: sampling
+    resolution: int = arg(512, "image side in pixels")
+    num_steps: int = arg(10, "T: SDE denoising steps per trajectory during training")
+    eval_steps: int = arg(40, "ODE steps for evaluation")
+    noise_level: float = arg(0.7, "a: SDE noise level (Flow-GRPO 0.7); 0 would be the deterministic ODE")
+    guidance_scale: float = arg(4.5, "classifier-free guidance, used in sampling and in the update")
+    max_sequence_length: int = arg(128, "T5 prompt tokens")
+    prompts_per_epoch: int = arg(48, "B: prompts per epoch (Flow-GRPO: 48)")
+    sample_batch_size: int = arg(16, "trajectories per transformer call while sampling (a CFG pair counts once)")
+    decode_batch_size: int = arg(16, "images per VAE decode and reward call")
+    # ALGO LOGIC: expand and prune
+    group_size: int = arg(48, "G_max: trajectories started per prompt")
+    prune: str = arg("5:24,7:12", "checkpoints 'step:survivors,...' (prune after `step` steps), or 'none' for plain GRPO")
+    ovf_after_sampling: int = arg(0, "static OVF: sample the whole group, keep the max-variance K for the update (0 = off)")
+    reward: str = arg("pickscore", "reward name or weighted sum, e.g. 'pickscore:1.0,jpeg_compressibility:0.1'")
+    # ALGO LOGIC: update
+    learning_rate: float = arg(3e-4, "AdamW learning rate (Flow-GRPO LoRA: 3e-4)")
+    adam_beta1: float = arg(0.9, "AdamW beta1")
+    adam_beta2: float = arg(0.999, "AdamW beta2")
+    adam_weight_decay: float = arg(1e-4, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    train_batch_size: int = arg(4, "trajectories per update micro-batch")
+    updates_per_epoch: int = arg(2, "optimiser steps per epoch; gradients accumulate over the micro-batches between them (Flow-GRPO: 2)")
+    timestep_fraction: float = arg(0.99, "train the first int(T * fraction) steps of each trajectory (Flow-GRPO: 0.99 -> 9 of 10)")
+    clip_range: float = arg(1e-4, "PPO ratio clip epsilon (Flow-GRPO: 1e-4; log-probs are means over C*H*W, so ratios move little)")
+    adv_clip_max: float = arg(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max]")
+    beta: float = arg(0.01, "KL penalty weight against the base model (adapter disabled)")
+    global_std: bool = arg(False, "Flow-GRPO variant: per-prompt mean but std over the whole batch")
+    rank: int = arg(32, "LoRA rank")
+    lora_alpha: int = arg(64, "LoRA alpha (scale = alpha / rank)")
+
+
+def parse_args(argv=None) -> Args:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Args):
+        if f.type == "bool":
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            parser.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}[f.type], default=f.default, help=f.metadata["help"])
+    return Args(**vars(parser.parse_args(argv)))
+
+
+class RunError(Exception):
+    """A problem the user can fix (bad flag, missing file, NaN reward): printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the pure math. All of it runs in fp32, whatever the model dtype (bf16 overflows the mean).
+# ----------------------------------------------------------------------------------------------------
+
+def _per_sample(value, like):
+    """(B,) schedule values -> (B, 1, 1, 1) so they broadcast over a latent batch."""
+    return value.to(torch.float32).view(-1, *([1] * (like.ndim - 1)))
+
+
+def flow_std(sigma, sigma_next, noise_level):
+    """Flow-GRPO's per-step noise scale std_t = a sqrt(sigma / (1 - sigma')), (B,) fp32.
+
+    sigma' = sigma, except at sigma = 1 (the first step) where 1 - sigma = 0: there sigma' = sigma_next.
+    """
+    sigma, sigma_next = sigma.to(torch.float32), sigma_next.to(torch.float32)
+    return noise_level * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_next, sigma)))
+
+
+def sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, prev_sample=None, noise=None):
+    """One Flow-GRPO SDE step from noise level sigma to sigma_next, and the log-prob of the step taken.
+
+    v, x: (B, C, H, W) model output and latent; sigma, sigma_next: (B,) tensors; noise_level: float a.
+    Give prev_sample to score a stored step (the update), or noise ~ N(0, 1) to draw a new one.
+    Returns (prev_sample, log_prob (B,), prev_sample_mean, std_dev_t (B,)); log_prob is None when a = 0,
+    which is the plain Euler ODE step x + v dt used for evaluation.
+    """
+    v, x = v.float(), x.float()
+    std_dev_t = _per_sample(flow_std(sigma, sigma_next, noise_level), x)
+    sigma, sigma_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
+    dt = sigma_next - sigma  # < 0: sigma decreases towards the data
+    # drift of the reverse SDE whose marginals match the flow ODE's: Euler plus a score correction
+    mean = x + v * dt + std_dev_t**2 / (2 * sigma) * (x + (1 - sigma) * v) * dt
+    step_std = std_dev_t * torch.sqrt(-dt)  # the Brownian increment over |dt|
+    if prev_sample is None:
+        prev_sample = mean if noise_level == 0 else mean + step_std * noise.float()
+    log_prob = None
+    if noise_level != 0:
+        log_prob = (
+            -((prev_sample.detach().float() - mean) ** 2) / (2 * step_std**2)
+            - torch.log(step_std)
+            - 0.5 * math.log(2 * math.pi)
+        ).mean(dim=tuple(range(1, x.ndim)))  # mean, not sum, over C*H*W (Flow-GRPO)
+    return prev_sample, log_prob, mean, std_dev_t.view(-1)
+
+
+def project_x0_flow(x, v, sigma):
+    """One-step ODE projection to the final sample: x0_hat = x_sigma - sigma v (exact if v were constant)."""
+    return x.float() - _per_sample(sigma, x) * v.float()
+
+
+def ovf_select(rewards, k):
+    """Optimal Variance Filtering: indices of the size-k subset with the largest (population) variance.
+
+    A max-variance subset is always the j lowest and the k - j highest rewards for some j (an interior
+    member swapped for an outside value farther from the subset mean raises the variance), so sort once
+    and scan j with prefix sums: O(G log G), exact. Ties prefer j closest to k / 2, then the smaller j;
+    equal rewards are ordered by index. Returns the kept indices in increasing order.
+    """
+    rewards = torch.as_tensor(rewards, dtype=torch.float64).flatten().cpu()
+    n = rewards.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot keep {k} of {n} trajectories")
+    order = torch.sort(rewards, stable=True).indices  # stable: equal rewards keep index order
+    r = rewards[order] - rewards.mean()  # centring keeps E[r^2] - E[r]^2 free of cancellation
+    csum = torch.cat([r.new_zeros(1), r.cumsum(0)])
+    csq = torch.cat([r.new_zeros(1), (r * r).cumsum(0)])
+    j = torch.arange(k + 1)  # j lowest + (k - j) highest
+    total = csum[j] + (csum[n] - csum[n - k + j])
+    total_sq = csq[j] + (csq[n] - csq[n - k + j])
+    var = (total_sq / k - (total / k) ** 2).tolist()
+    # equal up to float round-off counts as a tie; ties go to j closest to k / 2, then the smaller j
+    tied = [jj for jj in range(k + 1) if var[jj] >= max(var) * (1 - 1e-9)]
+    best = min(tied, key=lambda jj: (abs(2 * jj - k), jj))
+    kept = torch.cat([order[:best], order[n - k + best:]])
+    return torch.sort(kept).values
+
+
+def group_advantages(rewards, group_ids, eps=1e-4, clip=5.0, global_std=False):
+    """A_i = (R_i - mean_g) / (std_g + eps) within each group g, population std; clipped to |A| <= clip.
+
+    A zero-variance group gives zeros (its numerator is exactly 0), never NaN. global_std=True is
+    Flow-GRPO's variant: per-group mean, std over all rewards. Returns fp32 (N,).
+    """
+    rewards = rewards.to(torch.float32)
+    _, gid = torch.unique(group_ids, return_inverse=True)
+    count = torch.zeros(int(gid.max()) + 1, device=rewards.device).index_add_(0, gid, torch.ones_like(rewards))
+    mean = torch.zeros_like(count).index_add_(0, gid, rewards) / count
+    centred = rewards - mean[gid]
+    if global_std:
+        std = rewards.std(correction=0).expand_as(rewards)
+    else:
+        std = (torch.zeros_like(count).index_add_(0, gid, centred**2) / count).sqrt()[gid]
+    adv = torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
+    return adv.clamp(-clip, clip)
+
+
+def parse_prune_schedule(spec, num_steps, group_size):
+    """'5:24,7:12' -> [(5, 24), (7, 12)]; 'none' -> []. Raises ValueError with a one-line reason."""
+    if group_size < 2:
+        raise ValueError(f"--group_size must be at least 2 (got {group_size}): GRPO needs a group to compare within")
+    if spec.strip().lower() in ("", "none"):
+        return []
+    schedule = []
+    for item in spec.split(","):
+        try:
+            step, keep = (int(s) for s in item.split(":"))
+        except ValueError:
+            raise ValueError(f"--prune item '{item}' is not 'step:survivors' (example: --prune 5:24,7:12)") from None
+        schedule.append((step, keep))
+    steps, keeps = [s for s, _ in schedule], [k for _, k in schedule]
+    if any(not 0 < s < num_steps for s in steps) or steps != sorted(set(steps)):
+        raise ValueError(f"--prune checkpoints {steps} must be strictly increasing and inside (0, {num_steps})")
+    if any(a <= b for a, b in zip([group_size] + keeps, keeps)):
+        raise ValueError(f"--prune survivors {keeps} must strictly decrease from --group_size {group_size}")
+    if keeps[-1] < 2:
+        raise ValueError(f"--prune must keep at least 2 survivors per prompt (got {keeps[-1]})")
+    return schedule
+
+
+def live_counts(num_steps, group_size, schedule):
+    """Trajectories alive when step i is evaluated; their sum is the transformer evaluations per group."""
+    alive, keep_at = [], dict(schedule)
+    n = group_size
+    for i in range(num_steps):
+        alive.append(n)  # step i's velocity is computed for every live trajectory; the projection reuses it
+        n = keep_at.get(i, n)  # then the survivors take step i
+    return alive
+
+
+def ppo_clip_loss(logp_new, logp_old, adv, clip_range):
+    """Flow-GRPO's clipped surrogate on (B,) log-probs; returns (loss, ratio)."""
+    ratio = torch.exp(logp_new - logp_old)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped).mean(), ratio
+
+
+def step_logprob(v, x, x_next, sigma, sigma_next, noise_level, v_ref=None):
+    """Log-prob of stored steps under the current model (and KL to v_ref), for the update.
+
+    The KL of two Gaussians with the same std: mean over C*H*W of (mean - mean_ref)^2 / (2 std^2), std
+    without the sqrt(-dt) factor (Flow-GRPO). Uses the fused Triton kernel when `kernels` is present.
+    """
+    if kernels is not None:
+        std_dev_t = flow_std(sigma, sigma_next, noise_level)
+        return kernels.sde_logprob(v, x, x_next, sigma, sigma_next, std_dev_t, v_ref=v_ref)
+    _, logp, mean, std = sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, prev_sample=x_next)
+    if v_ref is None:
+        return logp, None
+    mean_ref = sde_step_with_logprob(v_ref, x, sigma, sigma_next, noise_level, prev_sample=x_next)[2]
+    kl = ((mean - mean_ref) ** 2).mean(dim=(1, 2, 3)) / (2 * std**2)
+    return logp, kl
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rewards. One interface: images (N, 3, H, W) in [0, 1] and N prompts -> (N,) fp32 rewards.
+# ----------------------------------------------------------------------------------------------------
+
+COLOURS = {"red": 0, "green": 1, "blue": 2}
+
+
+def colour_reward(images, prompts):
+    """Weight-free demo reward: how much the prompt's colour word dominates the image, in [-1, 1].
+
+    Mean over pixels of (target channel - mean of the other two). It depends on the prompt, so the model
+    has to read the text to raise it, and it varies smoothly with the latent, so groups spread.
+    """
+    target = torch.tensor([next((c for w, c in COLOURS.items() if w in p.lower()), -1) for p in prompts])
+    if (target < 0).any():
+        raise RunError(f"the colour reward needs a colour word ({', '.join(COLOURS)}) in every prompt; "
+                       f"'{prompts[int((target < 0).nonzero()[0])]}' has none")
+    channel_means = images.float().mean(dim=(2, 3))  # (N, 3)
+    own = channel_means.gather(1, target.to(images.device)[:, None]).squeeze(1)
+    return 1.5 * own - 0.5 * channel_means.sum(1)  # own - mean(other two)
+
+
+def jpeg_size_kb(images):
+    """DDPO's compressibility measure: size of each uint8 image saved as JPEG quality 95, in kB."""
+    sizes = []
+    for img in (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(img).save(buffer, format="JPEG", quality=95)
+        sizes.append(buffer.tell() / 1000)
+    return torch.tensor(sizes)
+
+
+def jpeg_compressibility(images, prompts):
+    return -jpeg_size_kb(images)
+
+
+def jpeg_incompressibility(images, prompts):
+    return jpeg_size_kb(images)
+
+
+class PickScore:
+    """PickScore (Kirstain et al. 2023): a CLIP-H model fine-tuned on Pick-a-Pic human preferences.
+
+    score = logit_scale.exp() * cos(image embedding, text embedding); a typical SD3.5-M image scores ~22.
+    Flow-GRPO trains on score / 26; advantages are scale-free, so we keep the paper's raw units.
+    """
+
+    def __init__(self, device, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
+        from transformers import AutoProcessor, CLIPModel
+
+        self.processor = AutoProcessor.from_pretrained(processor)
+        self.model = CLIPModel.from_pretrained(model).eval().requires_grad_(False).to(device)
+        image_config = self.processor.image_processor
+        self.size = image_config.crop_size["height"]
+        self.mean = torch.tensor(image_config.image_mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(image_config.image_std, device=device).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        device = self.mean.device
+        images = images.to(device, torch.float32)
+        # CLIP preprocessing on tensors: resize the short side, centre-crop, normalise
+        h, w = images.shape[-2:]
+        scale = self.size / min(h, w)
+        images = F.interpolate(images, size=(max(self.size, round(h * scale)), max(self.size, round(w * scale))),
+                               mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        top, left = (images.shape[-2] - self.size) // 2, (images.shape[-1] - self.size) // 2
+        images = (images[..., top:top + self.size, left:left + self.size] - self.mean) / self.std
+        text = self.processor.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt").to(device)
+        image_embeds = self.model.get_image_features(pixel_values=images)
+        text_embeds = self.model.get_text_features(**text)
+        # transformers 5 returns model outputs whose pooler_output is the projected embedding; 4.x a tensor
+        image_embeds, text_embeds = (e if torch.is_tensor(e) else e.pooler_output for e in (image_embeds, text_embeds))
+        image_embeds, text_embeds = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
+        return (self.model.logit_scale.exp() * (image_embeds * text_embeds).sum(-1)).float().cpu()
+
+
+REWARDS = {
+    "colour": lambda device: colour_reward,
+    "jpeg_compressibility": lambda device: jpeg_compressibility,
+    "jpeg_incompressibility": lambda device: jpeg_incompressibility,
+    "pickscore": lambda device: PickScore(device),
+}
+
+
+def build_reward(spec, device):
+    """'pickscore' or 'pickscore:1.0,jpeg_compressibility:0.1' -> one callable returning the weighted sum."""
+    terms = []
+    for item in spec.split(","):
+        name, _, weight = item.strip().partition(":")
+        if name not in REWARDS:
+            raise RunError(f"unknown reward '{name}'; choose from {', '.join(REWARDS)} (or a weighted sum 'a:1.0,b:0.5')")
+        try:
+            weight = float(weight or 1.0)
+        except ValueError:
+            raise RunError(f"reward weight '{weight}' in '{item}' is not a number") from None
+        terms.append((weight, REWARDS[name](device)))
+
+    def reward_fn(images, prompts):
+        return sum(w * fn(images, prompts).float().cpu() for w, fn in terms)
+
+    return reward_fn
+
+
+# ----------------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: model setup
+# ----------------------------------------------------------------------------------------------------
+
+LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]  # Flow-GRPO's
+
+
+def _tiny_tokenizers():
+    """CLIP (byte-level BPE with no merges) and T5 (unigram over letters) tokenizers built in memory."""
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]  # GPT-2 byte map
+    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    clip = [CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77) for _ in range(2)]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in "\u2581abcdefghijklmnopqrstuvwxyz0123456789.,'"]
+    return clip[0], clip[1], T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def build_tiny_pipeline(seed=0):
+    """A random-weight StableDiffusion3Pipeline of the real classes, small enough for a CPU, built offline.
+
+    A random VAE decodes every latent to nearly the same grey image, so a pixel reward could not tell
+    trajectories apart. We wire the tiny VAE's decoder to carry colour through instead: latent channels
+    0..2 become RGB (up to one global contrast normalisation by its final GroupNorm), everything else in
+    the decoder is an identity. The transformer and text encoders stay random, as in a real pre-training start.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok_l, tok_g, tok_t5 = _tiny_tokenizers()
+    clip = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
+                vocab_size=len(tok_l), hidden_act="gelu", attention_dropout=0.0, dropout=0.0,
+                bos_token_id=tok_l.bos_token_id, eos_token_id=tok_l.eos_token_id, pad_token_id=tok_l.pad_token_id)
+    t5 = T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, vocab_size=len(tok_t5), dropout_rate=0.0,
+                  feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    transformer = SD3Transformer2DModel(  # SD3.5-M's layout (dual attention, RMS qk-norm), 2 layers of width 64
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=32,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=64,
+        pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm")
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+        layers_per_block=1, latent_channels=16, norm_num_groups=1, scaling_factor=1.0, shift_factor=0.0,
+        use_quant_conv=False, use_post_quant_conv=False)  # 2x upsampling: 16x16 latents -> 32x32 images
+    with torch.no_grad():
+        dec = vae.decoder
+        for p in dec.parameters():
+            p.zero_()  # zeroed resnet conv2 / attention to_out make every residual block an identity
+        for c in range(3):  # channels c and c + 3 carry +z_c and -z_c, so the GroupNorm mean is exactly 0
+            dec.conv_in.weight[c, c, 1, 1], dec.conv_in.weight[c + 3, c, 1, 1] = 1.0, -1.0
+            dec.conv_out.weight[c, c, 1, 1], dec.conv_out.weight[c, c + 3, 1, 1] = 1.0, -1.0  # silu(a)-silu(-a) = a
+        for up in dec.up_blocks:
+            for upsampler in up.upsamplers or []:
+                upsampler.conv.weight[:, :, 1, 1] = torch.eye(8)  # nearest-neighbour upsampling, then identity
+        dec.conv_norm_out.weight.fill_(0.6)  # image = 0.6 z_c / rms(z) in [-1, 1] before the [0, 1] mapping
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**clip)), tokenizer=tok_l,
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip)), tokenizer_2=tok_g,
+        text_encoder_3=T5EncoderModel(t5), tokenizer_3=tok_t5)
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        module.eval()
+    return pipe
+
+
+def load_pipeline(name_or_path, dtype):
+    """'tiny', a local folder, or a hub id -> StableDiffusion3Pipeline with frozen weights in `dtype`."""
+    from diffusers import StableDiffusion3Pipeline
+
+    if name_or_path == "tiny":
+        pipe = build_tiny_pipeline()
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+    else:
+        is_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+        if not is_hub_id and not os.path.isdir(name_or_path):
+            raise RunError(f"model folder '{name_or_path}' does not exist (give a folder, a hub id, or 'tiny')")
+        try:
+            pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, torch_dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise RunError(f"could not load '{name_or_path}': {str(e).splitlines()[0]} "
+                           "(gated hub models need `hf auth login` and an accepted licence)") from None
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if module is not None:
+            module.requires_grad_(False)
+    return pipe
+
+
+def add_lora(transformer, rank, alpha):
+    """peft LoRA on the attention projections; base weights stay frozen in their dtype, LoRA weights fp32."""
+    from peft import LoraConfig
+
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # fp32 master weights for the optimiser, even with an fp16 base model
+    return params
+
+
+def save_lora(pipe, directory):
+    """Writes pytorch_lora_weights.safetensors (diffusers format) atomically: a killed save leaves the old one."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
+    directory.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp / "pytorch_lora_weights.safetensors", directory / "pytorch_lora_weights.safetensors")
+    tmp.rmdir()
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts, max_sequence_length):
+    """Text embeddings for the prompts and for the empty negative prompt (CFG), computed once per epoch."""
+    embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
+        prompt=prompts, prompt_2=prompts, prompt_3=prompts, negative_prompt="", negative_prompt_2="",
+        negative_prompt_3="", do_classifier_free_guidance=True, device=pipe.transformer.device,
+        max_sequence_length=max_sequence_length)
+    return dict(embeds=embeds, pooled=pooled, neg_embeds=neg_embeds[:1], neg_pooled=neg_pooled[:1])
+
+
+@torch.no_grad()
+def decode(pipe, x):
+    """Latents -> images in [0, 1], (N, 3, H, W) fp32."""
+    vae = pipe.vae
+    latents = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: rollout with expand and prune
+# ----------------------------------------------------------------------------------------------------
+
+def trajectory_seed(seed, epoch, prompt, member):
+    """A seed that depends only on the trajectory's identity: not on batch size, ranks, or pruning."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}/{prompt}/{member}".encode()).digest()[:8], "little") >> 1
+
+
+def flow_schedule(scheduler, num_steps, device):
+    """sigmas (T + 1,) from 1 to 0 and the matching transformer timesteps (T,) = 1000 sigma, from diffusers."""
+    scheduler.set_timesteps(num_steps, device=device)
+    return scheduler.sigmas.to(device, torch.float32), scheduler.timesteps.to(device)
+
+
+def predict_velocity(transformer, x, timestep, text, prompt_idx, guidance_scale, batch_size):
+    """Guided velocity v = v_uncond + g (v_text - v_uncond) for every latent in x, in micro-batches.
+
+    x: (N, C, h, w) fp32; timestep: scalar tensor; prompt_idx: (N,) rows of `text`. The same function
+    serves sampling and the update, so both see the same CFG, dtype and batch composition rules.
+    """
+    out = []
+    for b_x, b_p in zip(x.split(batch_size), prompt_idx.split(batch_size)):
+        n = len(b_x)
+        embeds = torch.cat([text["neg_embeds"].expand(n, -1, -1), text["embeds"][b_p]])  # (2n, L, D)
+        pooled = torch.cat([text["neg_pooled"].expand(n, -1), text["pooled"][b_p]])  # (2n, P)
+        model_in = torch.cat([b_x, b_x]).to(embeds.dtype)  # forward in the weight dtype (text embeds carry it)
+        v = transformer(hidden_states=model_in, timestep=timestep.expand(2 * n), encoder_hidden_states=embeds,
+                        pooled_projections=pooled, return_dict=False)[0]
+        v_uncond, v_text = v.float().chunk(2)  # back to fp32 for all step math
+        out.append(v_uncond + guidance_scale * (v_text - v_uncond))
+    return torch.cat(out)
+
+
+def score(pipe, x, prompts, reward_fn, batch_size, stats):
+    """Decode latents and score them, in micro-batches; a NaN or infinite reward stops the run."""
+    rewards = []
+    for s in range(0, len(x), batch_size):
+        images = decode(pipe, x[s:s + batch_size])
+        rewards.append(reward_fn(images, prompts[s:s + batch_size]).float())
+    rewards = torch.cat(rewards)
+    stats["decodes"] += len(x)
+    stats["reward_calls"] += len(x)
+    bad = (~torch.isfinite(rewards)).nonzero().flatten()
+    if len(bad):
+        raise RunError(f"reward is {rewards[bad[0]].item()} for prompt '{prompts[bad[0]]}'; stopping instead of training on it")
+    return rewards
+
+
+@torch.no_grad()
+def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, progress=False):
+    """Sample G_max trajectories for each of the B prompts, pruning at the schedule's checkpoints.
+
+    Returns the survivors (all tensors row-aligned, sorted by trajectory id = prompt * G_max + member):
+      latents (N, T + 1, C, h, w) fp32, log_probs (N, T), rewards (N,), prompt_idx (N,), member (N,),
+    plus counters (NFE, decodes, reward calls) and the per-prompt prune audit.
+    """
+    transformer, device = pipe.transformer, pipe.transformer.device
+    B, G, T = len(prompts), args.group_size, args.num_steps
+    sigmas, timesteps = flow_schedule(pipe.scheduler, T, device)
+    shape = (transformer.config.in_channels, args.resolution // pipe.vae_scale_factor, args.resolution // pipe.vae_scale_factor)
+    live = torch.arange(B * G)  # ids of the live trajectories, increasing, so each prompt's rows stay contiguous
+    generators = [torch.Generator(device).manual_seed(trajectory_seed(args.seed, epoch, int(i) // G, int(i) % G)) for i in live]
+    x = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])  # (B G, C, h, w) at sigma = 1
+    latents, log_probs = [x], []  # one (n_live, ...) entry per step; rows follow `live`
+    keep_at, stats = dict(schedule), dict(nfe=0, decodes=0, reward_calls=0, group_std=[])
+    audit = [dict(prompt=p, checkpoints=[]) for p in prompts]
+    for i in tqdm(range(T), desc=f"epoch {epoch} sampling", leave=False, disable=not progress):
+        v = predict_velocity(transformer, x, timesteps[i], text, live // G, args.guidance_scale, args.sample_batch_size)
+        stats["nfe"] += len(live)  # one trajectory-step per live trajectory: nothing else calls the transformer
+        if i in keep_at:
+            # Pro-GRPO: project to x0 with the velocity step i needs anyway, decode, score, keep OVF subsets
+            proxy = score(pipe, project_x0_flow(x, v, sigmas[i]), [prompts[p] for p in live // G], reward_fn,
+                          args.decode_batch_size, stats).view(B, -1)  # (B, n_live / B)
+            n = proxy.shape[1]
+            keep = torch.cat([p * n + ovf_select(proxy[p], keep_at[i]) for p in range(B)])
+            stats["group_std"].append((proxy.std(1, correction=0).mean().item(), proxy.view(-1)[keep].view(B, -1).std(1, correction=0).mean().item()))
+            for p in range(B):
+                audit[p]["checkpoints"].append(dict(step=i, members=(live.view(B, -1)[p] % G).tolist(),
+                                                    proxy=proxy[p].tolist(), kept=(live[keep].view(B, -1)[p] % G).tolist()))
+            # pruned trajectories stop here: drop their rows everywhere so their memory is released
+            live, x, v = live[keep], x[keep], v[keep]
+            latents, log_probs = [l[keep] for l in latents], [lp[keep] for lp in log_probs]
+        noise = torch.stack([torch.randn(shape, generator=generators[j], device=device) for j in live.tolist()])
+        n_live = len(live)
+        x, logp, _, _ = sde_step_with_logprob(v, x, sigmas[i].expand(n_live), sigmas[i + 1].expand(n_live), args.noise_level, noise=noise)
+        latents.append(x)
+        log_probs.append(logp)
+    rewards = score(pipe, x, [prompts[p] for p in live // G], reward_fn, args.decode_batch_size, stats)
+    if args.ovf_after_sampling:  # the paper's static OVF: prune once, on true final rewards
+        n = len(live) // B
+        keep = torch.cat([p * n + ovf_select(rewards.view(B, -1)[p], args.ovf_after_sampling) for p in range(B)])
+        live, rewards = live[keep], rewards[keep]
+        latents, log_probs = [l[keep] for l in latents], [lp[keep] for lp in log_probs]
+    for p in range(B):
+        audit[p].update(survivors=(live.view(B, -1)[p] % G).tolist(), final=rewards.view(B, -1)[p].tolist())
+    samples = dict(latents=torch.stack(latents, 1), log_probs=torch.stack(log_probs, 1), rewards=rewards,
+                   prompt_idx=live // G, member=live % G)
+    return samples, stats, audit
+
+
+@torch.no_grad()
+def sample_ode(pipe, text, args, num_steps, seed):
+    """Evaluation images: deterministic Euler ODE (noise level 0), one per prompt, fixed noise per prompt."""
+    transformer, device = pipe.transformer, pipe.transformer.device
+    n = len(text["embeds"])
+    sigmas, timesteps = flow_schedule(pipe.scheduler, num_steps, device)
+    side = args.resolution // pipe.vae_scale_factor
+    x = torch.stack([torch.randn((transformer.config.in_channels, side, side), device=device,
+                                 generator=torch.Generator(device).manual_seed(trajectory_seed(seed, "eval", p, 0))) for p in range(n)])
+    for i in range(num_steps):
+        v = predict_velocity(transformer, x, timesteps[i], text, torch.arange(n), args.guidance_scale, args.sample_batch_size)
+        x = sde_step_with_logprob(v, x, sigmas[i].expand(n), sigmas[i + 1].expand(n), 0.0)[0]
+    return torch.cat([decode(pipe, b) for b in x.split(args.decode_batch_size)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the GRPO update on the survivors
+# ----------------------------------------------------------------------------------------------------
+
+def train_epoch(pipe, params, optimizer, samples, adv, text, args, epoch, progress=False):
+    """PPO-clip GRPO over the survivors' stored steps: recompute log-probs, clip, KL, AdamW.
+
+    Micro-batches of trajectories, each trained on its first int(T * timestep_fraction) steps in order
+    (Flow-GRPO); the epoch's micro-batches are split into `updates_per_epoch` optimiser steps.
+    Returns lists of per-(micro-batch, step) statistics.
+    """
+    transformer, device = pipe.transformer, pipe.transformer.device
+    sigmas, timesteps = flow_schedule(pipe.scheduler, args.num_steps, device)
+    n_train = int(args.num_steps * args.timestep_fraction)
+    order = torch.randperm(len(adv), generator=torch.Generator().manual_seed(trajectory_seed(args.seed, epoch, "train", 0)))
+    minibatches = order.split(args.train_batch_size)
+    info = {k: [] for k in ("loss", "ratio", "approx_kl", "clipfrac", "kl", "grad_norm")}
+    bar = tqdm(total=len(minibatches) * n_train, desc=f"epoch {epoch} update", leave=False, disable=not progress)
+    for update in torch.arange(len(minibatches)).tensor_split(min(args.updates_per_epoch, len(minibatches))):
+        for mb in update.tolist():
+            b_idx = minibatches[mb]
+            b_x, b_logp_old, b_adv = samples["latents"][b_idx], samples["log_probs"][b_idx], adv[b_idx]  # (b, T+1, C, h, w), (b, T), (b,)
+            b_prompt, n = samples["prompt_idx"][b_idx], len(b_idx)
+            for j in range(n_train):
+                v = predict_velocity(transformer, b_x[:, j], timesteps[j], text, b_prompt, args.guidance_scale, n)
+                v_ref = None
+                if args.beta > 0:  # the reference policy is the base model: the same network, adapter off
+                    transformer.disable_adapters()
+                    with torch.no_grad():
+                        v_ref = predict_velocity(transformer, b_x[:, j], timesteps[j], text, b_prompt, args.guidance_scale, n)
+                    transformer.enable_adapters()
+                logp_new, kl = step_logprob(v, b_x[:, j], b_x[:, j + 1], sigmas[j].expand(n), sigmas[j + 1].expand(n), args.noise_level, v_ref)
+                loss, ratio = ppo_clip_loss(logp_new, b_logp_old[:, j], b_adv, args.clip_range)
+                if kl is not None:
+                    loss = loss + args.beta * kl.mean()
+                (loss / (len(update) * n_train)).backward()  # average over the micro-batches and steps of one update
+                # statistics stay on the device: a .item() here would be a CPU-GPU sync point every step
+                info["loss"].append(loss.detach())
+                info["ratio"].append(ratio.detach().mean())
+                info["approx_kl"].append(0.5 * ((logp_new.detach() - b_logp_old[:, j]) ** 2).mean())
+                info["clipfrac"].append(((ratio.detach() - 1).abs() > args.clip_range).float().mean())
+                info["kl"].append(kl.detach().mean() if kl is not None else torch.zeros((), device=device))
+                bar.update()
+        info["grad_norm"].append(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    bar.close()
+    return {k: torch.stack(v).float().cpu() for k, v in info.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: the training loop
+# ----------------------------------------------------------------------------------------------------
+
+DEMO_OBJECTS, DEMO_EVAL_OBJECTS = ["apple", "car", "bird", "house", "flower", "boat", "cup", "kite"], ["chair", "dog", "lamp", "tree"]
+
+
+def read_prompts(path, held_out=False):
+    """One prompt per line; 'demo' gives the built-in colour prompts (held-out objects for evaluation)."""
+    if path == "demo":
+        return [f"a {c} {o}" for o in (DEMO_EVAL_OBJECTS if held_out else DEMO_OBJECTS) for c in COLOURS]
+    if not os.path.isfile(path):
+        raise RunError(f"prompts file '{path}' not found (one prompt per line; `bash run.sh sd35` fetches Pick-a-Pic's)")
+    prompts = [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
+    if not prompts:
+        raise RunError(f"prompts file '{path}' has no prompts")
+    return prompts
+
+
+def validate(args):
+    """Checks that need no model; returns the prune schedule."""
+    try:
+        schedule = parse_prune_schedule(args.prune, args.num_steps, args.group_size)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    final = schedule[-1][1] if schedule else args.group_size
+    if args.ovf_after_sampling and not 2 <= args.ovf_after_sampling < final:
+        raise RunError(f"--ovf_after_sampling {args.ovf_after_sampling} must be in [2, {final}) (the group reaching the end)")
+    if args.mixed_precision not in ("no", "fp16", "bf16"):
+        raise RunError(f"--mixed_precision must be no, fp16 or bf16 (got '{args.mixed_precision}')")
+    if args.resolution % 16:
+        raise RunError(f"--resolution must be a multiple of 16 (got {args.resolution})")
+    if min(args.prompts_per_epoch, args.sample_batch_size, args.decode_batch_size, args.train_batch_size, args.updates_per_epoch) < 1:
+        raise RunError("batch sizes, --prompts_per_epoch and --updates_per_epoch must be at least 1")
+    if not 0 < args.timestep_fraction <= 1 or int(args.num_steps * args.timestep_fraction) < 1:
+        raise RunError(f"--timestep_fraction must leave at least one trained step (got {args.timestep_fraction})")
+    return schedule
+
+
+def main(args):
+    schedule = validate(args)
+    train_prompts, eval_prompts = read_prompts(args.prompts), read_prompts(args.eval_prompts, held_out=True)[:args.num_eval_prompts]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision] if device.type == "cuda" else torch.float32
+    reward_fn = build_reward(args.reward, device)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, dtype).to(device)
+    if pipe.vae.dtype != torch.float32:
+        pipe.vae.to(torch.float32)  # decode in fp32 (Flow-GRPO): an fp16 SD3 VAE overflows
+    params = add_lora(pipe.transformer, args.rank, args.lora_alpha)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay)
+    out = Path(args.output_dir)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "prune_audit.jsonl"):
+        (out / name).unlink(missing_ok=True)
+    alive = live_counts(args.num_steps, args.group_size, schedule)
+    survivors = args.ovf_after_sampling or alive[-1]
+    print(f"device {device} ({dtype}), {sum(p.numel() for p in params):,} LoRA parameters, {len(train_prompts)} prompts")
+    print(f"per prompt: {args.group_size} started -> {survivors} trained; live per step {alive}; "
+          f"NFE {sum(alive)} per group vs {args.group_size * args.num_steps} unpruned ({1 - sum(alive) / (args.group_size * args.num_steps):.0%} saved)")
+    history = []
+    for epoch in range(args.num_epochs):
+        # ALGO LOGIC: 1-5 sample, prune, score
+        pick = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(trajectory_seed(args.seed, epoch, "prompts", 0)))
+        prompts = [train_prompts[i] for i in pick[:args.prompts_per_epoch].tolist()]
+        text = encode_prompts(pipe, prompts, args.max_sequence_length)
+        t0 = time.time()
+        samples, stats, audit = rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, progress=True)
+        t1 = time.time()
+        # ALGO LOGIC: 6-7 advantages over the survivors, then the clipped policy update
+        adv = group_advantages(samples["rewards"], samples["prompt_idx"], clip=args.adv_clip_max, global_std=args.global_std).to(device)
+        info = train_epoch(pipe, params, optimizer, samples, adv, text, args, epoch, progress=True)
+        t2 = time.time()
+        rewards = samples["rewards"].view(len(prompts), -1)
+        metrics = {
+            "epoch": epoch,
+            "reward/mean": rewards.mean().item(),
+            "reward/std": rewards.std(correction=0).item(),
+            "reward/group_std": rewards.std(1, correction=0).mean().item(),
+            "reward/zero_std_groups": int((rewards.std(1, correction=0) == 0).sum()),
+            "prune/started": args.group_size,
+            "prune/kept": rewards.shape[1],
+            "prune/nfe_saved": 1 - stats["nfe"] / (len(prompts) * args.group_size * args.num_steps),
+            **{f"prune/group_std_before_{s}": b for (s, _), (b, a) in zip(schedule, stats["group_std"])},
+            **{f"prune/group_std_after_{s}": a for (s, _), (b, a) in zip(schedule, stats["group_std"])},
+            "perf/nfe_sample": stats["nfe"],
+            "perf/decodes": stats["decodes"],
+            "perf/reward_calls": stats["reward_calls"],
+            "time/sample_s": t1 - t0,
+            "time/train_s": t2 - t1,
+            "policy/loss": info["loss"].mean().item(),
+            "policy/approx_kl": info["approx_kl"].mean().item(),
+            "policy/clipfrac": info["clipfrac"].mean().item(),
+            "policy/ratio_mean": info["ratio"].mean().item(),
+            "policy/kl": info["kl"].mean().item(),
+            "policy/grad_norm": info["grad_norm"].mean().item(),
+        }
+        if args.eval_every and (epoch % args.eval_every == 0 or epoch == args.num_epochs - 1):
+            metrics["eval/reward_mean"] = evaluate(pipe, reward_fn, eval_prompts, args, out / "samples" / f"epoch_{epoch:04d}.png")
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        with open(out / "prune_audit.jsonl", "a") as f:
+            f.writelines(json.dumps(dict(epoch=epoch, **a)) + "\n" for a in audit)
+        history.append(metrics)
+        print(f"epoch {epoch:4d} | reward {metrics['reward/mean']:.4f} (group std {metrics['reward/group_std']:.4f}) | "
+              f"kept {metrics['prune/kept']}/{args.group_size} | nfe {stats['nfe']} | loss {metrics['policy/loss']:+.4f} "
+              f"ratio {metrics['policy/ratio_mean']:.5f} clipfrac {metrics['policy/clipfrac']:.2f} kl {metrics['policy/kl']:.2e}"
+              + (f" | eval {metrics['eval/reward_mean']:.4f}" if "eval/reward_mean" in metrics else "")
+              + f" | {t1 - t0:.1f}s + {t2 - t1:.1f}s")
+        if (epoch + 1) % args.checkpointing_steps == 0:
+            save_lora(pipe, out / f"checkpoint-{epoch + 1}")
+    save_lora(pipe, out)
+    plot_rewards(history, out / "reward_curve.png")
+    print(f"done: metrics {out / 'metrics.jsonl'}, audit {out / 'prune_audit.jsonl'}, grids {out / 'samples'}, "
+          f"curve {out / 'reward_curve.png'}, LoRA {out / 'pytorch_lora_weights.safetensors'}")
+    return history
+
+
+# ----------------------------------------------------------------------------------------------------
+# Diagnostics and pictures
+# ----------------------------------------------------------------------------------------------------
+
+def evaluate(pipe, reward_fn, prompts, args, grid_path):
+    """ODE samples on held-out prompts: mean reward, and a grid PNG (one image per prompt)."""
+    text = encode_prompts(pipe, prompts, args.max_sequence_length)
+    images = sample_ode(pipe, text, args, args.eval_steps, args.seed)
+    save_grid(images, grid_path, ncol=len(COLOURS) if args.eval_prompts == "demo" else 4)
+    return reward_fn(images, prompts).mean().item()
+
+
+def save_grid(images, path, ncol):
+    """(N, 3, H, W) in [0, 1] -> one PNG; small images are enlarged (nearest) to be visible."""
+    n, _, h, w = images.shape
+    nrow = math.ceil(n / ncol)
+    grid = torch.ones(3, nrow * (h + 2), ncol * (w + 2))
+    for k, img in enumerate(images.float().cpu()):
+        r, c = divmod(k, ncol)
+        grid[:, r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = img
+    picture = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    scale = max(1, 128 // h)
+    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
+
+
+def plot_rewards(history, path):
+    """Training reward (survivors) and evaluation reward against epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([m["epoch"] for m in history], [m["reward/mean"] for m in history], label="train (survivors)")
+    evals = [m for m in history if "eval/reward_mean" in m]
+    ax.plot([m["epoch"] for m in evals], [m["eval/reward_mean"] for m in evals], "o-", label="eval (ODE, held-out prompts)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("reward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,327 @@
+"""Tests for progrpo.py: CPU only, offline, tiny random-weight models of the real classes.
+
+Each test says in its docstring the one property it pins.
+"""
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import progrpo
+
+ROOT = Path(__file__).resolve().parent
+REFERENCE = ROOT.parent / "shared" / "reference" / "baseline_steps.pt"
+
+
+def rel_close(ours, ref, tol=1e-5):
+    """DESIGN.md's parity tolerance: |ours - ref| <= tol (1 + |ref|), elementwise."""
+    return bool(((ours - ref).abs() <= tol * (1 + ref.abs())).all())
+
+
+@pytest.fixture(scope="module")
+def reference():
+    if not REFERENCE.parent.is_dir():
+        pytest.skip(f"reference vectors folder {REFERENCE.parent} is absent")
+    return torch.load(REFERENCE)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Step functions and projection
+# ---------------------------------------------------------------------------------------------------
+
+def test_sde_step_matches_flow_grpo_reference(reference):
+    """sde_step_with_logprob reproduces Flow-GRPO's own outputs (log-prob, mean, std) on every flow case."""
+    for case in reference["flow"]:
+        prev, logp, mean, std = progrpo.sde_step_with_logprob(
+            case["model_output"], case["sample"], case["sigma"], case["sigma_next"], case["noise_level"],
+            prev_sample=case["prev_sample"])
+        assert rel_close(logp, case["log_prob"]), case["step_index"]
+        assert rel_close(mean, case["prev_sample_mean"]), case["step_index"]
+        assert rel_close(std, case["std_dev_t"]), case["step_index"]
+        assert torch.equal(prev, case["prev_sample"])
+
+
+def test_flow_schedule_matches_reference_sigmas(reference):
+    """Our SD3.5 schedule (diffusers, shift 3, T=10) gives the sigmas and timesteps the reference used."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sigmas, timesteps = progrpo.flow_schedule(FlowMatchEulerDiscreteScheduler(shift=3.0), 10, "cpu")
+    assert rel_close(sigmas, reference["flow_sigmas"]) and rel_close(timesteps, reference["flow_timesteps"])
+
+
+def test_noise_level_zero_is_the_euler_step():
+    """a = 0 gives x + v dt exactly and no log-prob."""
+    v, x = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    sigma, sigma_next = torch.tensor([1.0, 0.6, 0.3]), torch.tensor([0.9, 0.4, 0.0])
+    prev, logp, mean, std = progrpo.sde_step_with_logprob(v, x, sigma, sigma_next, 0.0)
+    assert logp is None and torch.equal(std, torch.zeros(3))
+    assert torch.allclose(prev, x + v * (sigma_next - sigma).view(-1, 1, 1, 1), atol=1e-6)
+
+
+def test_logprob_is_mean_of_normal_log_density():
+    """The log-prob equals torch.distributions.Normal(mean, std sqrt(-dt)).log_prob averaged over C*H*W."""
+    v, x = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    sigma, sigma_next = torch.tensor([0.8, 0.5]), torch.tensor([0.7, 0.3])
+    prev, logp, mean, std = progrpo.sde_step_with_logprob(v, x, sigma, sigma_next, 0.7, noise=torch.randn(2, 4, 6, 6))
+    scale = (std * (sigma - sigma_next).sqrt()).view(-1, 1, 1, 1)
+    expected = torch.distributions.Normal(mean, scale).log_prob(prev).mean(dim=(1, 2, 3))
+    assert torch.allclose(logp, expected, rtol=1e-6, atol=1e-6)
+
+
+# Gaussian data x0 ~ N(M, S^2): x_sigma = (1 - sigma) x0 + sigma eps is jointly Gaussian with x0 and eps,
+# so the optimal velocity E[eps - x0 | x_sigma] and E[x0 | x_sigma] are known in closed form.
+M, S = 0.7, 0.5
+
+
+def gaussian_posterior(x, sigma):
+    var = (1 - sigma) ** 2 * S**2 + sigma**2
+    e_x0 = M + (1 - sigma) * S**2 / var * (x - (1 - sigma) * M)
+    e_eps = sigma / var * (x - (1 - sigma) * M)
+    return e_eps - e_x0, e_x0  # v*, E[x0 | x]
+
+
+def test_projection_is_posterior_mean_for_gaussian_data():
+    """project_x0_flow(x, v*, sigma) equals E[x0 | x_sigma] for the closed-form velocity."""
+    x = torch.randn(64, 1, 2, 2) * 1.3
+    for sigma in (0.9, 0.5, 0.1):
+        v, e_x0 = gaussian_posterior(x, sigma)
+        assert torch.allclose(progrpo.project_x0_flow(x, v, torch.full((64,), sigma)), e_x0, atol=1e-5)
+
+
+def test_sde_sampler_recovers_gaussian_data():
+    """Driven by the exact velocity, the Flow-GRPO SDE sampler ends at mean M and std S (200 steps, 40k samples)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sigmas, _ = progrpo.flow_schedule(FlowMatchEulerDiscreteScheduler(shift=3.0), 200, "cpu")
+    g = torch.Generator().manual_seed(0)
+    n = 40_000
+    x = torch.randn(n, 1, 1, 1, generator=g)
+    for i in range(200):
+        v, _ = gaussian_posterior(x, sigmas[i])
+        x = progrpo.sde_step_with_logprob(v, x, sigmas[i].expand(n), sigmas[i + 1].expand(n), 0.7,
+                                          noise=torch.randn(x.shape, generator=g))[0]
+    # sampling error of the mean is S / sqrt(n) = 0.0025; 10 steps instead of 200 would end at std ~0.42
+    assert abs(x.mean().item() - M) < 0.01
+    assert abs(x.std().item() - S) < 0.01
+
+
+# ---------------------------------------------------------------------------------------------------
+# OVF, advantages, schedule
+# ---------------------------------------------------------------------------------------------------
+
+def test_ovf_matches_brute_force():
+    """ovf_select attains the maximum variance over all k-subsets, on random groups with and without ties."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        n = int(torch.randint(3, 11, (1,), generator=g))
+        k = int(torch.randint(2, n, (1,), generator=g))
+        rewards = torch.randint(0, 4, (n,), generator=g).double() if trial % 2 else torch.randn(n, generator=g).double()
+        kept = progrpo.ovf_select(rewards, k)
+        assert len(kept) == k and len(set(kept.tolist())) == k
+        best = max(rewards[list(c)].var(correction=0).item() for c in itertools.combinations(range(n), k))
+        assert rewards[kept].var(correction=0).item() >= best - 1e-12 * max(1.0, best)
+        assert torch.equal(kept, progrpo.ovf_select(rewards.clone(), k))  # deterministic
+
+
+def test_ovf_tie_rule():
+    """Equal rewards: the tie rule keeps the j lowest and k - j highest with j closest to k / 2."""
+    assert progrpo.ovf_select(torch.zeros(6), 4).tolist() == [0, 1, 4, 5]
+    assert progrpo.ovf_select(torch.tensor([0.0, 5.0, 1.0, 4.0, 2.0, 3.0]), 2).tolist() == [0, 1]
+
+
+def test_group_advantages_known_answer():
+    """Per-group (R - mean) / (std + 1e-4), population std, clip, and the Flow-GRPO global-std variant."""
+    r = torch.tensor([1.0, 3.0, 10.0, 10.0, 0.0, 4.0])
+    ids = torch.tensor([7, 7, 2, 2, 5, 5])
+    adv = progrpo.group_advantages(r, ids)
+    assert torch.allclose(adv, torch.tensor([-1, 1, 0, 0, -1, 1]) / (1 + 1e-4 / torch.tensor([1, 1, 1, 1, 2, 2])), atol=1e-6)
+    global_adv = progrpo.group_advantages(r, ids, global_std=True)
+    assert torch.allclose(global_adv, torch.tensor([-1.0, 1.0, 0.0, 0.0, -2.0, 2.0]) / (r.std(correction=0) + 1e-4), atol=1e-6)
+    assert progrpo.group_advantages(torch.tensor([0.0, 0, 0, 100]), torch.zeros(4), clip=1.5).max().item() == 1.5
+
+
+def test_zero_variance_group_gives_zero_advantages():
+    """A group whose rewards are all equal gets advantages exactly 0, never NaN."""
+    adv = progrpo.group_advantages(torch.tensor([0.3, 0.3, 0.3, 1.0, 2.0]), torch.tensor([0, 0, 0, 1, 1]))
+    assert torch.isfinite(adv).all() and torch.equal(adv[:3], torch.zeros(3))
+
+
+def test_prune_schedule_and_nfe_formula():
+    """The schedule parses and live counts give DESIGN.md's NFE per group: 360, 200, 1880 (dense 480, 240)."""
+    assert progrpo.parse_prune_schedule("5:24,7:12", 10, 48) == [(5, 24), (7, 12)]
+    assert sum(progrpo.live_counts(10, 48, [(5, 24), (7, 12)])) == 360
+    assert sum(progrpo.live_counts(10, 24, [(5, 16), (7, 12)])) == 200
+    assert sum(progrpo.live_counts(50, 48, [(30, 32), (40, 8)])) == 1880
+    assert sum(progrpo.live_counts(10, 48, [])) == 480 and progrpo.parse_prune_schedule("none", 10, 24) == []
+
+
+@pytest.mark.parametrize("spec, group, message", [
+    ("7:24,5:12", 48, "strictly increasing"),
+    ("0:24", 48, "inside (0, 10)"),
+    ("10:24", 48, "inside (0, 10)"),
+    ("5:24,7:24", 48, "strictly decrease"),
+    ("5:48", 48, "strictly decrease"),
+    ("5:1", 48, "at least 2"),
+    ("5-24", 48, "step:survivors"),
+    ("none", 1, "at least 2"),
+])
+def test_bad_schedules_are_rejected(spec, group, message):
+    """Each malformed schedule gives a ValueError that says what is wrong."""
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        progrpo.parse_prune_schedule(spec, 10, group)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rewards
+# ---------------------------------------------------------------------------------------------------
+
+def test_colour_reward_and_weighted_sum():
+    """The demo reward prefers the prompt's colour; a weighted sum adds terms with their weights."""
+    red, blue = torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8)
+    red[:, 0], blue[:, 2] = 1.0, 1.0
+    images, prompts = torch.cat([red, blue]), ["a red car", "a red car"]
+    assert progrpo.colour_reward(images, prompts).tolist() == [1.0, -0.5]
+    mixed = progrpo.build_reward("colour:2.0,jpeg_compressibility:0.5", "cpu")(images, prompts)
+    expected = 2 * progrpo.colour_reward(images, prompts) - 0.5 * progrpo.jpeg_size_kb(images)
+    assert torch.allclose(mixed, expected)
+
+
+def test_jpeg_compressibility_prefers_flat_images():
+    """A flat image compresses better (higher compressibility reward) than noise."""
+    flat, noise = torch.full((1, 3, 32, 32), 0.5), torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    r = progrpo.jpeg_compressibility(torch.cat([flat, noise]), ["", ""])
+    assert r[0] > r[1] and torch.equal(progrpo.jpeg_incompressibility(torch.cat([flat, noise]), ["", ""]), -r)
+
+
+def test_pickscore_loads_from_folder_and_scores(tmp_path):
+    """PickScore's real loading code runs on a tiny random CLIP saved to a folder; score = scale * cos."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tok = progrpo._tiny_tokenizers()[0]
+    text = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, vocab_size=len(tok),
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, image_size=224, patch_size=32)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(tmp_path)
+    config = json.loads((ROOT.parent / "shared" / "reference" / "configs" / "pickscore_processor.json").read_text()) \
+        if (ROOT.parent / "shared" / "reference" / "configs").is_dir() else {}
+    CLIPProcessor(image_processor=CLIPImageProcessor(**config), tokenizer=tok).save_pretrained(tmp_path)
+    scorer = progrpo.PickScore("cpu", model=str(tmp_path), processor=str(tmp_path))
+    images = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red car", "a cat", "two dogs"]
+    scores = scorer(images, prompts)
+    assert scores.shape == (3,) and torch.isfinite(scores).all()
+    # the same score from CLIPModel's own forward on our preprocessed pixels and the processor's tokens
+    pixels = torch.nn.functional.interpolate(images, size=(224, 269), mode="bicubic", antialias=True).clamp(0, 1)[..., 22:246]
+    pixels = (pixels - scorer.mean) / scorer.std
+    tokens = scorer.processor.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+    logits = scorer.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels).logits_per_image
+    assert torch.allclose(scores, logits.diag(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tiny pipeline: sampling, pruning, update
+# ---------------------------------------------------------------------------------------------------
+
+def tiny_args(**overrides):
+    base = dict(pretrained_model_name_or_path="tiny", resolution=16, num_steps=6, group_size=6, prune="2:4,4:3",
+                prompts_per_epoch=2, sample_batch_size=5, decode_batch_size=4, train_batch_size=4, guidance_scale=4.5,
+                max_sequence_length=16, reward="colour", updates_per_epoch=1, clip_range=1e-4, beta=0.01, rank=4, lora_alpha=8)
+    return progrpo.Args(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    pipe = progrpo.load_pipeline("tiny", torch.float32)
+    params = progrpo.add_lora(pipe.transformer, 4, 8)
+    prompts = ["a red cat", "a blue dog"]
+    return pipe, params, prompts, progrpo.encode_prompts(pipe, prompts, 16)
+
+
+def test_tiny_pipeline_round_trips_through_from_pretrained(tmp_path):
+    """The tiny pipeline saved to a folder loads back through the real from_pretrained path, same outputs."""
+    pipe = progrpo.build_tiny_pipeline()
+    pipe.save_pretrained(tmp_path)
+    loaded = progrpo.load_pipeline(str(tmp_path), torch.float32)
+    args = tiny_args()
+    out = [progrpo.sample_ode(p, progrpo.encode_prompts(p, ["a red cat"], 16), args, 4, seed=0) for p in (pipe, loaded)]
+    assert torch.equal(out[0], out[1]) and out[0].std() > 0.05  # and the decoder really carries colour
+
+
+def test_nfe_counts_every_transformer_call(tiny):
+    """perf NFE equals the schedule's formula and the transformer really sees exactly that many trajectory-steps."""
+    pipe, _, prompts, text = tiny
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["hidden_states"].shape[0] // 2), with_kwargs=True)
+    try:
+        args = tiny_args()
+        schedule = progrpo.parse_prune_schedule(args.prune, args.num_steps, args.group_size)
+        samples, stats, audit = progrpo.rollout(pipe, text, prompts, progrpo.colour_reward, args, 0, schedule)
+    finally:
+        hook.remove()
+    expected = len(prompts) * sum(progrpo.live_counts(6, 6, schedule))  # 2 * (3*6 + 2*4 + 1*3) = 58
+    assert stats["nfe"] == sum(seen) == expected == 58
+    assert stats["decodes"] == stats["reward_calls"] == 2 * (6 + 4) + 2 * 3  # checkpoints + final
+    assert samples["latents"].shape == (6, 7, 16, 8, 8) and samples["log_probs"].shape == (6, 6)
+    assert [len(a["survivors"]) for a in audit] == [3, 3]
+
+
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_survivors_are_identical_to_unpruned_run(tiny, batch_size):
+    """A survivor's latents, log-probs and reward equal the same member's in an unpruned run with the same seed.
+
+    Bit for bit when each transformer call holds one trajectory; with mixed micro-batches the BLAS
+    reduction order changes with the batch's other rows, so only float round-off (1e-6) may differ.
+    """
+    pipe, _, prompts, text = tiny
+    args = tiny_args(sample_batch_size=batch_size, decode_batch_size=batch_size)
+    pruned, _, _ = progrpo.rollout(pipe, text, prompts, progrpo.colour_reward, args, 3, [(2, 4), (4, 3)])
+    full, _, _ = progrpo.rollout(pipe, text, prompts, progrpo.colour_reward, dataclasses.replace(args, prune="none"), 3, [])
+    rows = pruned["prompt_idx"] * args.group_size + pruned["member"]  # full run keeps every trajectory, in id order
+    for key in ("latents", "log_probs", "rewards"):
+        if batch_size == 1:
+            assert torch.equal(pruned[key], full[key][rows]), key
+        else:
+            assert torch.allclose(pruned[key], full[key][rows], rtol=0, atol=1e-6), key
+
+
+def test_static_ovf_keeps_max_variance_subset(tiny):
+    """--ovf_after_sampling keeps, per prompt, the OVF subset of the true final rewards."""
+    pipe, _, prompts, text = tiny
+    args = tiny_args(prune="none", ovf_after_sampling=3)
+    samples, stats, audit = progrpo.rollout(pipe, text, prompts, progrpo.colour_reward, args, 1, [])
+    assert stats["nfe"] == 2 * 6 * 6 and len(samples["rewards"]) == 6
+    full, _, _ = progrpo.rollout(pipe, text, prompts, progrpo.colour_reward, dataclasses.replace(args, ovf_after_sampling=0), 1, [])
+    for p in range(2):
+        assert audit[p]["survivors"] == progrpo.ovf_select(full["rewards"].view(2, 6)[p], 3).tolist()
+
+
+def test_ratio_is_one_on_first_update_step(tiny):
+    """With unchanged weights the recomputed log-probs equal the sampling ones: ratio 1 (CFG, micro-batches differ)."""
+    pipe, params, prompts, text = tiny
+    args = tiny_args(sample_batch_size=5, train_batch_size=4)  # different batch composition in sampling and update
+    samples, _, _ = progrpo.rollout(pipe, text, prompts, progrpo.colour_reward, args, 0, [(2, 4), (4, 3)])
+    adv = progrpo.group_advantages(samples["rewards"], samples["prompt_idx"])
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    info = progrpo.train_epoch(pipe, params, optimizer, samples, adv, text, args, 0)
+    assert (info["ratio"] - 1).abs().max() < 1e-5
+    assert info["clipfrac"].max() == 0 and info["kl"].abs().max() < 1e-10
+
+
+def test_nan_reward_stops_the_run_naming_the_prompt(tiny):
+    """A reward that comes back NaN raises RunError naming the prompt instead of training on it."""
+    pipe, _, prompts, text = tiny
+
+    def nan_reward(images, ps):
+        return torch.tensor([float("nan") if "blue" in p else 0.0 for p in ps])
+
+    with pytest.raises(progrpo.RunError, match="a blue dog"):
+        progrpo.rollout(pipe, text, prompts, nan_reward, tiny_args(), 0, [(2, 4), (4, 3)])
