@@ -194,6 +194,38 @@ def project_x0_flow(x, v, sigma):
     return x.float() - _per_sample(sigma, x) * v.float()
 
 
+def ddim_step_with_logprob(eps, x, alpha_prod_t, alpha_prod_t_prev, eta, prev_sample=None, noise=None):
+    """One DDIM step (DDPO's ddim_step_with_logprob) and the log-prob of the step taken.
+
+    eps, x: (B, C, H, W) predicted noise and latent; alpha_prod_t, alpha_prod_t_prev: (B,) cumulative
+    alphas at t and at prev_t = t - 1000 / T (clamped at 0, so the last step ends at alphas_cumprod[0]).
+    eta = 1 is DDPM-like ancestral sampling, eta = 0 deterministic DDIM (no log-prob).
+    Returns (prev_sample, log_prob (B,), prev_sample_mean, std_dev_t (B,)).
+    """
+    eps, x = eps.float(), x.float()
+    a_t, a_prev = _per_sample(alpha_prod_t, x), _per_sample(alpha_prod_t_prev, x)
+    x0_hat = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std_dev_t = eta * variance.sqrt()
+    mean = a_prev.sqrt() * x0_hat + (1 - a_prev - std_dev_t**2).sqrt() * eps
+    if prev_sample is None:
+        prev_sample = mean if eta == 0 else mean + std_dev_t * noise.float()
+    log_prob = None
+    if eta != 0:
+        log_prob = (
+            -((prev_sample.detach().float() - mean) ** 2) / (2 * std_dev_t**2)
+            - torch.log(std_dev_t)
+            - 0.5 * math.log(2 * math.pi)
+        ).mean(dim=tuple(range(1, x.ndim)))
+    return prev_sample, log_prob, mean, std_dev_t.view(-1)
+
+
+def project_x0_ddim(x, eps, alpha_prod_t):
+    """One-step projection for eps-prediction: x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)."""
+    a_t = _per_sample(alpha_prod_t, x)
+    return (x.float() - (1 - a_t).sqrt() * eps.float()) / a_t.sqrt()
+
+
 def ovf_select(rewards, k):
     """Optimal Variance Filtering: indices of the size-k subset with the largest (population) variance.
 
@@ -224,19 +256,22 @@ def ovf_select(rewards, k):
 def group_advantages(rewards, group_ids, eps=1e-4, clip=5.0, global_std=False):
     """A_i = (R_i - mean_g) / (std_g + eps) within each group g, population std; clipped to |A| <= clip.
 
-    A zero-variance group gives zeros (its numerator is exactly 0), never NaN. global_std=True is
-    Flow-GRPO's variant: per-group mean, std over all rewards. Returns fp32 (N,).
+    A group whose rewards are all equal gets exactly 0, never NaN. It is detected as max == min, not as
+    std == 0: the fp32 mean of equal values need not equal them, which would leave a std of ~1e-6.
+    global_std=True is Flow-GRPO's variant: per-group mean, std over all rewards. Returns fp32 (N,).
     """
     rewards = rewards.to(torch.float32)
-    _, gid = torch.unique(group_ids, return_inverse=True)
-    count = torch.zeros(int(gid.max()) + 1, device=rewards.device).index_add_(0, gid, torch.ones_like(rewards))
-    mean = torch.zeros_like(count).index_add_(0, gid, rewards) / count
-    centred = rewards - mean[gid]
+    _, gid = torch.unique(group_ids, return_inverse=True)  # (N,) group index 0..n_groups-1
+    zeros = torch.zeros(int(gid.max()) + 1, device=rewards.device)
+    count = zeros.index_add(0, gid, torch.ones_like(rewards))
+    centred = rewards - (zeros.index_add(0, gid, rewards) / count)[gid]
     if global_std:
-        std = rewards.std(correction=0).expand_as(rewards)
+        std = torch.where(rewards.max() == rewards.min(), 0.0, rewards.std(correction=0)).expand_as(rewards)
     else:
-        std = (torch.zeros_like(count).index_add_(0, gid, centred**2) / count).sqrt()[gid]
-    adv = torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
+        hi = torch.full_like(zeros, -math.inf).scatter_reduce(0, gid, rewards, "amax")
+        lo = torch.full_like(zeros, math.inf).scatter_reduce(0, gid, rewards, "amin")
+        std = torch.where(hi == lo, 0.0, (zeros.index_add(0, gid, centred**2) / count).sqrt())[gid]
+    adv = torch.where(std == 0, 0.0, centred / (std + eps))
     return adv.clamp(-clip, clip)
 
 
@@ -383,18 +418,23 @@ REWARDS = {
 }
 
 
-def build_reward(spec, device):
-    """'pickscore' or 'pickscore:1.0,jpeg_compressibility:0.1' -> one callable returning the weighted sum."""
+def parse_reward_spec(spec):
+    """'pickscore' or 'pickscore:1.0,jpeg_compressibility:0.1' -> [(name, weight), ...], checked."""
     terms = []
     for item in spec.split(","):
         name, _, weight = item.strip().partition(":")
         if name not in REWARDS:
             raise RunError(f"unknown reward '{name}'; choose from {', '.join(REWARDS)} (or a weighted sum 'a:1.0,b:0.5')")
         try:
-            weight = float(weight or 1.0)
+            terms.append((name, float(weight or 1.0)))
         except ValueError:
             raise RunError(f"reward weight '{weight}' in '{item}' is not a number") from None
-        terms.append((weight, REWARDS[name](device)))
+    return terms
+
+
+def build_reward(spec, device):
+    """One callable returning the weighted sum of the named rewards (models load here, once)."""
+    terms = [(weight, REWARDS[name](device)) for name, weight in parse_reward_spec(spec)]
 
     def reward_fn(images, prompts):
         return sum(w * fn(images, prompts).float().cpu() for w, fn in terms)
@@ -441,13 +481,13 @@ def build_tiny_pipeline(seed=0):
     t5 = T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, vocab_size=len(tok_t5), dropout_rate=0.0,
                   feed_forward_proj="gated-gelu", is_encoder_decoder=False)
     transformer = SD3Transformer2DModel(  # SD3.5-M's layout (dual attention, RMS qk-norm), 2 layers of width 64
-        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=32,
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=32,
         num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=64,
         pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm")
     vae = AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
-        layers_per_block=1, latent_channels=16, norm_num_groups=1, scaling_factor=1.0, shift_factor=0.0,
-        use_quant_conv=False, use_post_quant_conv=False)  # 2x upsampling: 16x16 latents -> 32x32 images
+        layers_per_block=1, latent_channels=4, norm_num_groups=1, scaling_factor=1.0, shift_factor=0.0,
+        use_quant_conv=False, use_post_quant_conv=False)  # one 2x upsampling: latents are half the image side
     with torch.no_grad():
         dec = vae.decoder
         for p in dec.parameters():
@@ -482,7 +522,7 @@ def load_pipeline(name_or_path, dtype):
         if not is_hub_id and not os.path.isdir(name_or_path):
             raise RunError(f"model folder '{name_or_path}' does not exist (give a folder, a hub id, or 'tiny')")
         try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, torch_dtype=dtype)
+            pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, dtype=dtype)
         except (OSError, ValueError) as e:
             raise RunError(f"could not load '{name_or_path}': {str(e).splitlines()[0]} "
                            "(gated hub models need `hf auth login` and an accepted licence)") from None
@@ -584,6 +624,17 @@ def score(pipe, x, prompts, reward_fn, batch_size, stats):
     return rewards
 
 
+def ovf_rows(rewards, k):
+    """(B, n) rewards, one row per prompt -> flat row indices of every prompt's OVF subset of size k."""
+    n = rewards.shape[1]
+    return torch.cat([p * n + ovf_select(r, k) for p, r in enumerate(rewards)])
+
+
+def group_std(rewards):
+    """Mean over prompts of the within-group population std of (B, n) rewards."""
+    return rewards.std(1, correction=0).mean().item()
+
+
 @torch.no_grad()
 def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, progress=False):
     """Sample G_max trajectories for each of the B prompts, pruning at the schedule's checkpoints.
@@ -609,12 +660,11 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, progress=Fals
             # Pro-GRPO: project to x0 with the velocity step i needs anyway, decode, score, keep OVF subsets
             proxy = score(pipe, project_x0_flow(x, v, sigmas[i]), [prompts[p] for p in live // G], reward_fn,
                           args.decode_batch_size, stats).view(B, -1)  # (B, n_live / B)
-            n = proxy.shape[1]
-            keep = torch.cat([p * n + ovf_select(proxy[p], keep_at[i]) for p in range(B)])
-            stats["group_std"].append((proxy.std(1, correction=0).mean().item(), proxy.view(-1)[keep].view(B, -1).std(1, correction=0).mean().item()))
+            keep = ovf_rows(proxy, keep_at[i])
+            stats["group_std"].append((group_std(proxy), group_std(proxy.view(-1)[keep].view(B, -1))))
+            members, kept = (live.view(B, -1) % G).tolist(), (live[keep].view(B, -1) % G).tolist()
             for p in range(B):
-                audit[p]["checkpoints"].append(dict(step=i, members=(live.view(B, -1)[p] % G).tolist(),
-                                                    proxy=proxy[p].tolist(), kept=(live[keep].view(B, -1)[p] % G).tolist()))
+                audit[p]["checkpoints"].append(dict(step=i, members=members[p], proxy=proxy[p].tolist(), kept=kept[p]))
             # pruned trajectories stop here: drop their rows everywhere so their memory is released
             live, x, v = live[keep], x[keep], v[keep]
             latents, log_probs = [l[keep] for l in latents], [lp[keep] for lp in log_probs]
@@ -625,8 +675,7 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, progress=Fals
         log_probs.append(logp)
     rewards = score(pipe, x, [prompts[p] for p in live // G], reward_fn, args.decode_batch_size, stats)
     if args.ovf_after_sampling:  # the paper's static OVF: prune once, on true final rewards
-        n = len(live) // B
-        keep = torch.cat([p * n + ovf_select(rewards.view(B, -1)[p], args.ovf_after_sampling) for p in range(B)])
+        keep = ovf_rows(rewards.view(B, -1), args.ovf_after_sampling)
         live, rewards = live[keep], rewards[keep]
         latents, log_probs = [l[keep] for l in latents], [lp[keep] for lp in log_probs]
     for p in range(B):
@@ -722,6 +771,7 @@ def read_prompts(path, held_out=False):
 
 def validate(args):
     """Checks that need no model; returns the prune schedule."""
+    parse_reward_spec(args.reward)
     try:
         schedule = parse_prune_schedule(args.prune, args.num_steps, args.group_size)
     except ValueError as e:
@@ -770,7 +820,8 @@ def main(args):
         samples, stats, audit = rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, progress=True)
         t1 = time.time()
         # ALGO LOGIC: 6-7 advantages over the survivors, then the clipped policy update
-        adv = group_advantages(samples["rewards"], samples["prompt_idx"], clip=args.adv_clip_max, global_std=args.global_std).to(device)
+        advantages_fn = kernels.group_advantages if kernels is not None else group_advantages  # same numbers
+        adv = advantages_fn(samples["rewards"], samples["prompt_idx"], clip=args.adv_clip_max, global_std=args.global_std).to(device)
         info = train_epoch(pipe, params, optimizer, samples, adv, text, args, epoch, progress=True)
         t2 = time.time()
         rewards = samples["rewards"].view(len(prompts), -1)
@@ -778,7 +829,7 @@ def main(args):
             "epoch": epoch,
             "reward/mean": rewards.mean().item(),
             "reward/std": rewards.std(correction=0).item(),
-            "reward/group_std": rewards.std(1, correction=0).mean().item(),
+            "reward/group_std": group_std(rewards),
             "reward/zero_std_groups": int((rewards.std(1, correction=0) == 0).sum()),
             "prune/started": args.group_size,
             "prune/kept": rewards.shape[1],

@@ -1,0 +1,50 @@
+"""GRPO group advantages: normalise each reward within its group (the survivors of one prompt).
+
+The math. Rewards R (N,), group ids (N,) (any integers, any group sizes, in any order):
+
+    adv_i = clip( (R_i - mean_g) / (std_g + eps), -clip, clip )        g = group of i
+
+with the population std (divide by n_g), eps = 1e-4 and clip = 5 by default (Flow-GRPO). A group whose
+rewards are all equal (singletons included) has std exactly 0 and gets adv 0 for every member, never
+NaN; "all equal" is tested as max == min, because a rounded fp32 mean can leave a tiny nonzero std.
+global_std=True reproduces Flow-GRPO's baseline: mean per group, std over ALL N rewards (all adv 0 if
+every reward is equal). Output fp32 (N,). Variances are two-pass (mean first, then squared deviations):
+rewards such as PickScore sit near 22 with a spread below 1, where E[R^2] - E[R]^2 loses digits in fp32.
+
+The Triton kernels are in _advantages_triton.py, imported the first time the Triton backend runs.
+"""
+
+import torch
+
+from . import resolve_backend
+
+
+def group_advantages_torch(rewards, group_ids, eps=1e-4, clip=5.0, global_std=False):
+    """The spec: fp32 (N,) advantages, vectorised over groups (see module docstring)."""
+    r = rewards.detach().float().reshape(-1)  # (N,)
+    _, inverse, counts = torch.unique(group_ids.reshape(-1).to(r.device), return_inverse=True, return_counts=True)
+    num_groups = counts.numel()
+    n = counts.float()  # (n_groups,)
+    mean = torch.zeros(num_groups, device=r.device).index_add_(0, inverse, r) / n
+    dev = r - mean[inverse]  # (N,)
+    if global_std:
+        std_all = torch.where(r.max() == r.min(), 0.0, ((r - r.mean()) ** 2).mean().sqrt())  # 0-d
+        std = std_all.expand(r.numel())
+    else:
+        var = torch.zeros(num_groups, device=r.device).index_add_(0, inverse, dev * dev) / n
+        hi = torch.full((num_groups,), -torch.inf, device=r.device).scatter_reduce_(0, inverse, r, "amax")
+        lo = torch.full((num_groups,), torch.inf, device=r.device).scatter_reduce_(0, inverse, r, "amin")
+        std = torch.where(hi == lo, 0.0, var.sqrt())[inverse]  # exactly 0 for constant groups
+    adv = torch.where(std == 0, 0.0, dev / (std + eps))
+    return adv.clamp(-clip, clip)
+
+
+def group_advantages(rewards, group_ids, eps=1e-4, clip=5.0, global_std=False, backend=None):
+    """Per-group normalised, clipped advantages, fp32 (N,). backend: "triton", "torch" or None (env)."""
+    if rewards.numel() != group_ids.numel():
+        raise ValueError(f"rewards has {rewards.numel()} entries but group_ids has {group_ids.numel()}")
+    if resolve_backend(rewards.device, backend) == "torch":
+        return group_advantages_torch(rewards, group_ids, eps, clip, global_std)
+    from ._advantages_triton import group_advantages_triton  # imports triton on first use
+
+    return group_advantages_triton(rewards, group_ids, eps, clip, global_std)

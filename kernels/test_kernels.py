@@ -1,0 +1,382 @@
+"""Tests for kernels/: Triton == torch reference == the baselines' own step functions == progrpo.py.
+
+Without a GPU the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton
+is imported), so shapes are small and odd. Run: TRITON_INTERPRET=1 python -m pytest -q kernels/test_kernels.py
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton / kernels are imported
+
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import gaussian_step_logprob_torch, group_advantages, group_advantages_torch  # noqa: E402
+from kernels import ddim_logprob, sde_logprob  # noqa: E402
+from kernels.bench import naive_ddim_logprob, naive_flow_logprob  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+LOWP = (torch.float32, torch.bfloat16, torch.float16)
+# D = 315 (< one block, odd), 2048 (exactly two blocks), 3102 (three full blocks and a 30-element tail).
+SHAPES = [(3, 5, 7, 9), (2, 4, 16, 32), (3, 2, 33, 47)]
+
+# Forward: fp32 sums over D in a different order than torch differ by ~1e-7 relative; 1e-5 has 100x
+# headroom and still fails on any real bug (a dropped tail block, a wrong constant, a missing 1/D).
+FWD_RTOL = FWD_ATOL = 1e-5
+# Gradients are computed in fp32 and rounded once to v's dtype: the error is at most the unit roundoff
+# of that dtype (relative) plus fp32 noise, relative to the fp32 gradient of the same (rounded) inputs.
+# Triton's CPU interpreter truncates fp32 -> bf16 instead of rounding to nearest (compiled Triton rounds),
+# so there the bound for bf16 is one full ulp, 2^-7.
+BF16_ROUNDING = 2**-7 if INTERPRET else 2**-8
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: BF16_ROUNDING + 1e-5, torch.float16: 2**-11 + 1e-5}
+GRAD_ATOL_SCALE = 1e-6  # times max |grad|: absorbs fp32 cancellation in x_next - mean (and GPU FMA)
+FP16_SUBNORMAL_HALF_SPACING = 2**-25  # fp16 gradients below 2^-14 are subnormal, spaced 2^-24
+BASELINE_TOL = 1e-5  # DESIGN.md: |ours - ref| <= 1e-5 (1 + |ref|)
+# fp32 advantages: (R - mean) carries a few ulps of the reward scale, divided by (std + eps); a group of
+# two close rewards amplifies it. Tolerance = ADV_ATOL + ADV_ULPS ulp(max |R|) / (std_g + eps).
+ADV_ATOL = 1e-6
+ADV_ULPS = 4
+
+
+def assert_within(ours, ref, tol):
+    """|ours - ref| <= tol (1 + |ref|) elementwise, the DESIGN.md convention for the reference vectors."""
+    err = (ours.double() - ref.double()).abs() - tol * (1 + ref.double().abs())
+    assert err.max() <= 0, f"exceeds {tol} (1 + |ref|) by {err.max().item():.3g}"
+
+
+def flow_schedule(batch, gen):
+    sigma = 0.2 + 0.75 * torch.rand(batch, generator=gen)
+    sigma_next = sigma - 0.02 - 0.13 * torch.rand(batch, generator=gen)
+    return sigma.to(DEVICE), sigma_next.to(DEVICE), (0.7 * torch.sqrt(sigma / (1 - sigma))).to(DEVICE)
+
+
+# ---- fused Gaussian step: Triton vs the fp32 reference ----------------------------------------------
+
+@pytest.mark.parametrize("with_ref", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", LOWP)
+def test_gaussian_step_triton_and_torch_lowp_match_fp32_reference(dtype, shape, with_ref):
+    """log_prob, kl and grad_v of both backends on low-precision inputs equal the fp32 spec on the upcast inputs."""
+    gen = torch.Generator().manual_seed(100 * LOWP.index(dtype) + 10 * SHAPES.index(shape) + with_ref)
+    v, x, z, v_ref = (torch.randn(shape, generator=gen).to(DEVICE, dtype) for _ in range(4))
+    x_next = (x.float() - 0.1 * v.float() + 0.3 * z.float()).to(dtype)
+    v_ref = v_ref if with_ref else None
+    sched = flow_schedule(shape[0], gen)
+    w_logp, w_kl = torch.randn(2, shape[0], generator=gen).to(DEVICE)  # per-sample upstream gradients
+
+    def run(v_in, backend, upcast):
+        cast = (lambda t: None if t is None else t.float()) if upcast else (lambda t: t)
+        v_in = v_in.detach().clone().requires_grad_()
+        log_prob, kl = sde_logprob(v_in, cast(x), cast(x_next), *sched, v_ref=cast(v_ref), backend=backend)
+        loss = (w_logp * log_prob).sum() + ((w_kl * kl).sum() if with_ref else 0)
+        (grad,) = torch.autograd.grad(loss, v_in)
+        return log_prob, kl, grad
+
+    ref_logp, ref_kl, ref_grad = run(v.float(), "torch", upcast=True)
+    grad_atol = GRAD_ATOL_SCALE * ref_grad.abs().max().item()
+    grad_atol += FP16_SUBNORMAL_HALF_SPACING if dtype == torch.float16 else 0.0
+    for backend in ("torch", "triton"):
+        log_prob, kl, grad = run(v, backend, upcast=False)
+        assert log_prob.dtype == torch.float32 and log_prob.shape == (shape[0],)
+        torch.testing.assert_close(log_prob, ref_logp, rtol=FWD_RTOL, atol=FWD_ATOL)
+        if with_ref:
+            assert kl.dtype == torch.float32
+            torch.testing.assert_close(kl, ref_kl, rtol=FWD_RTOL, atol=FWD_ATOL)
+        else:
+            assert kl is None
+        assert grad.dtype == dtype and grad.shape == v.shape
+        torch.testing.assert_close(grad.float(), ref_grad, rtol=GRAD_RTOL[dtype], atol=grad_atol)
+
+
+def test_reference_gradient_is_the_closed_form():
+    """The spec's autograd gradient equals cv (x_next - mean) / (s^2 D) + 2 kl_scale (v - v_ref) / D."""
+    gen = torch.Generator().manual_seed(1)
+    v, x, x_next, v_ref = (torch.randn(3, 35, generator=gen, dtype=torch.float64) for _ in range(4))
+    cx, cv, s, kl_scale = (0.5 + torch.rand(3, generator=gen, dtype=torch.float64) for _ in range(4))
+    v.requires_grad_()
+    log_prob, kl = gaussian_step_logprob_torch(v, x, x_next, cx, cv, s, v_ref, kl_scale)
+    (grad,) = torch.autograd.grad(log_prob.sum() + kl.sum(), v)
+    mean = cx[:, None] * x + cv[:, None] * v.detach()
+    expected = (cv[:, None] * (x_next - mean) / (s[:, None] ** 2 * 35)
+                + 2 * kl_scale[:, None] * (v.detach() - v_ref) / 35)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_triton_accepts_non_contiguous_inputs():
+    """A strided (channels-last) model output gives the same values and a gradient of v's shape."""
+    gen = torch.Generator().manual_seed(2)
+    v, x, x_next = (torch.randn(3, 5, 7, 9, generator=gen).to(DEVICE) for _ in range(3))
+    v_strided = v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2).requires_grad_()
+    sched = flow_schedule(3, gen)
+    ref, _ = sde_logprob(v, x, x_next, *sched, backend="torch")
+    log_prob, _ = sde_logprob(v_strided, x, x_next, *sched, backend="triton")
+    torch.testing.assert_close(log_prob, ref, rtol=FWD_RTOL, atol=FWD_ATOL)
+    (grad,) = torch.autograd.grad(log_prob.sum(), v_strided)
+    assert grad.shape == v.shape
+
+
+def test_naive_eager_formulas_in_bench_equal_the_reference():
+    """bench.py's eager Flow-GRPO/DDPO formulas give the reference's log_prob and KL: like is timed with like."""
+    gen = torch.Generator().manual_seed(3)
+    v, x, x_next, v_ref = (torch.randn(3, 4, 6, 6, generator=gen) for _ in range(4))
+    sched = flow_schedule(3, gen)
+    ours = sde_logprob(v, x, x_next, *sched, v_ref=v_ref, backend="torch")
+    for a, b in zip(ours, naive_flow_logprob(v, x, x_next, *sched, v_ref=v_ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    a_t, a_prev = torch.tensor([0.05, 0.3, 0.6]), torch.tensor([0.06, 0.33, 0.65])
+    torch.testing.assert_close(ddim_logprob(v, x, x_next, a_t, a_prev, 1.0, backend="torch")[0],
+                               naive_ddim_logprob(v, x, x_next, a_t, a_prev, 1.0)[0], rtol=1e-5, atol=1e-5)
+
+
+# ---- the baselines' own step functions (shared/reference/baseline_steps.pt) -------------------------
+
+@pytest.fixture(scope="module")
+def baseline():
+    if not REFERENCE_DIR.is_dir():
+        pytest.skip(f"reference vectors folder {REFERENCE_DIR} is absent")
+    return torch.load(REFERENCE_DIR / "baseline_steps.pt")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sde_logprob_reproduces_flow_grpo(baseline, backend):
+    """sde_logprob reproduces Flow-GRPO's log_prob on all reference cases (incl. the tiny-std last step)."""
+    for case in baseline["flow"]:
+        sigma, sigma_next = case["sigma"], case["sigma_next"]
+        std_dev_t = case["noise_level"] * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_next, sigma)))
+        assert_within(std_dev_t, case["std_dev_t"], BASELINE_TOL)
+        keys = ("model_output", "sample", "prev_sample", "sigma", "sigma_next", "std_dev_t")
+        inputs = (case[k].to(DEVICE) for k in keys)
+        log_prob, kl = sde_logprob(*inputs, backend=backend)
+        assert kl is None
+        assert_within(log_prob.cpu(), case["log_prob"], BASELINE_TOL)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ddim_logprob_reproduces_ddpo(baseline, backend):
+    """ddim_logprob reproduces DDPO's log_prob (and its std) on all reference cases, eta 1 and 0.5."""
+    for case in baseline["ddim"]:
+        a_t, a_prev, eta = case["alpha_prod_t"], case["alpha_prod_t_prev"], case["eta"]
+        std = eta * torch.sqrt(((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev))
+        assert_within(std, case["std_dev_t"], BASELINE_TOL)
+        keys = ("model_output", "sample", "prev_sample", "alpha_prod_t", "alpha_prod_t_prev")
+        inputs = (case[k].to(DEVICE) for k in keys)
+        log_prob, _ = ddim_logprob(*inputs, eta, backend=backend)
+        assert_within(log_prob.cpu(), case["log_prob"], BASELINE_TOL)
+
+
+def test_ddim_gradient_and_kl_backends_agree(baseline):
+    """On a real DDIM case with a reference eps, Triton and torch give the same kl and grad_eps (fp32)."""
+    case = baseline["ddim"][2]
+    eps, x, x_next = (case[k].to(DEVICE) for k in ("model_output", "sample", "prev_sample"))
+    eps_ref = eps + 0.05 * torch.randn(eps.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    results = []
+    for backend in ("torch", "triton"):
+        e = eps.clone().requires_grad_()
+        log_prob, kl = ddim_logprob(e, x, x_next, case["alpha_prod_t"].to(DEVICE), case["alpha_prod_t_prev"].to(DEVICE),
+                                    case["eta"], eps_ref=eps_ref, backend=backend)
+        results.append((kl, *torch.autograd.grad(log_prob.sum() + 10 * kl.sum(), e)))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=FWD_RTOL, atol=FWD_ATOL)
+    scale = results[0][1].abs().max().item()
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=GRAD_ATOL_SCALE * scale)
+
+
+# ---- group advantages -------------------------------------------------------------------------------
+
+def random_groups(seed):
+    """Rewards and unsorted, non-contiguous ids: singletons, constant groups, one group larger than a block."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [1, 1, 2, 3, 7, 8, 16, 24, 24, 300]
+    ids = torch.cat([torch.full((n,), 1000 * g - 37, dtype=torch.int64) for g, n in enumerate(sizes)])
+    rewards = torch.randn(ids.numel(), generator=gen)
+    rewards[ids == 1000 * 4 - 37] = 0.7  # constant, 7 members: a rounded mean leaves std ~6e-8
+    rewards[ids == 1000 * 7 - 37] = 22.37  # constant, 24 members
+    perm = torch.randperm(ids.numel(), generator=gen)
+    return rewards[perm].to(DEVICE), ids[perm].to(DEVICE)
+
+
+def brute_force_advantages(rewards, ids, eps, clip, global_std):
+    """Plain Python, float64, one group at a time: (adv, the tolerance an fp32 computation of it needs)."""
+    r, ids = rewards.double().tolist(), ids.tolist()
+    all_std = math.sqrt(sum((a - sum(r) / len(r)) ** 2 for a in r) / len(r))
+    out, tol = [], []
+    for i, ri in enumerate(r):
+        members = [r[j] for j in range(len(r)) if ids[j] == ids[i]]
+        mean = sum(members) / len(members)
+        std = all_std if global_std else math.sqrt(sum((a - mean) ** 2 for a in members) / len(members))
+        constant = (len(set(r)) if global_std else len(set(members))) == 1
+        out.append(0.0 if constant else max(-clip, min(clip, (ri - mean) / (std + eps))))
+        tol.append(ADV_ATOL + ADV_ULPS * 2**-23 * max(map(abs, r)) / (std + eps))
+    return torch.tensor(out, dtype=torch.float64), torch.tensor(tol, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("global_std", [False, True])
+def test_group_advantages_reference_matches_brute_force(global_std):
+    """The vectorised reference equals a per-group Python loop in float64 (population std, eps, clip)."""
+    rewards, ids = random_groups(5)
+    adv = group_advantages_torch(rewards, ids, global_std=global_std).cpu()
+    assert adv.dtype == torch.float32
+    expected, tol = brute_force_advantages(rewards.cpu(), ids.cpu(), 1e-4, 5.0, global_std)
+    assert torch.all((adv.double() - expected).abs() <= tol)
+
+
+@pytest.mark.parametrize("global_std", [False, True])
+def test_group_advantages_triton_matches_reference(global_std):
+    """Triton advantages equal the reference on random ids and sizes (singletons, constant groups, 300 members)."""
+    for seed in range(3):
+        rewards, ids = random_groups(seed)
+        adv = group_advantages(rewards, ids, global_std=global_std, backend="triton")
+        diff = (adv - group_advantages_torch(rewards, ids, global_std=global_std)).abs().cpu()
+        assert torch.all(diff <= brute_force_advantages(rewards.cpu(), ids.cpu(), 1e-4, 5.0, global_std)[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_group_advantages_zero_variance_is_exactly_zero(backend):
+    """Singleton and constant groups (even ones whose rounded fp32 mean is inexact) give exactly 0, never NaN."""
+    rewards, ids = random_groups(6)
+    adv = group_advantages(rewards, ids, backend=backend)
+    constant = torch.isin(ids, torch.tensor([-37, 963, 3963, 6963], device=ids.device))
+    assert torch.all(adv[constant] == 0) and not torch.isnan(adv).any()
+    same = torch.full((6,), 22.37, device=DEVICE)
+    assert torch.all(group_advantages(same, torch.zeros(6, dtype=torch.int64, device=DEVICE), global_std=True,
+                                      backend=backend) == 0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_group_advantages_clip(backend):
+    """One outlier among 40 rewards has adv 0.975 / sqrt(0.025 * 0.975) = 6.24 unclipped; clip=5 caps it at 5."""
+    rewards = torch.zeros(40, device=DEVICE)
+    rewards[0] = 1.0
+    ids = torch.zeros(40, dtype=torch.int64, device=DEVICE)
+    unclipped = group_advantages(rewards, ids, clip=100.0, backend=backend)
+    assert abs(unclipped[0].item() - 0.975 / (math.sqrt(0.025 * 0.975) + 1e-4)) < 1e-5
+    assert group_advantages(rewards, ids, backend=backend)[0] == 5.0
+    assert group_advantages(-rewards, ids, backend=backend)[0] == -5.0
+
+
+# ---- backend dispatch ---------------------------------------------------------------------------------
+
+def run_python(*args, **env):
+    """Run `python *args` in a fresh interpreter at the repo root with only the given kernel env vars set."""
+    base = {k: v for k, v in os.environ.items() if k not in ("PROGRPO_KERNELS", "TRITON_INTERPRET")}
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env={**base, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+CALL = ("import torch, kernels\n"
+        "v = torch.randn(2, 3, 4, requires_grad=True)\n"
+        "log_prob, _ = kernels.sde_logprob(v, v.detach(), v.detach(), torch.tensor([.5, .4]), "
+        "torch.tensor([.4, .3]), torch.tensor([.6, .7]){backend})\n"
+        "print(type(log_prob.grad_fn).__name__)\n")
+
+
+def test_env_torch_selects_torch_and_env_triton_selects_triton():
+    """PROGRPO_KERNELS=torch runs the torch graph even for CUDA; =triton (interpreter) runs the Triton Function."""
+    out = run_python("-c", CALL.format(backend="") + "print(kernels.resolve_backend('cuda'))",
+                     PROGRPO_KERNELS="torch", TRITON_INTERPRET="1")
+    assert out.returncode == 0, out.stderr
+    grad_fn, resolved = out.stdout.split()
+    assert "GaussianStep" not in grad_fn and resolved == "torch"
+    out = run_python("-c", CALL.format(backend=""), PROGRPO_KERNELS="triton", TRITON_INTERPRET="1")
+    assert out.returncode == 0, out.stderr
+    assert "GaussianStepLogProbBackward" in out.stdout
+
+
+def test_impossible_triton_request_raises():
+    """Triton asked for on CPU tensors without the interpreter raises RuntimeError, by env and by argument."""
+    out = run_python("-c", CALL.format(backend=""), PROGRPO_KERNELS="triton")
+    assert out.returncode != 0 and "RuntimeError: Triton backend requested for tensors on cpu" in out.stderr
+    out = run_python("-c", CALL.format(backend=", backend='triton'"))
+    assert out.returncode != 0 and "RuntimeError" in out.stderr
+    out = run_python("-c", "import torch, kernels\n"
+                     "kernels.group_advantages(torch.rand(4), torch.zeros(4, dtype=torch.long), backend='triton')")
+    assert out.returncode != 0 and "RuntimeError" in out.stderr
+
+
+def test_invalid_env_value_raises_at_first_call_with_allowed_values():
+    """PROGRPO_KERNELS=gpu: the first op call raises a ValueError naming auto, triton, torch (import still works)."""
+    out = run_python("-c", CALL.format(backend=""), PROGRPO_KERNELS="gpu")
+    assert out.returncode != 0 and "ValueError: PROGRPO_KERNELS='gpu' is not valid" in out.stderr
+    assert "auto, triton, torch" in out.stderr
+    with pytest.raises(ValueError, match="auto, triton, torch"):
+        kernels.resolve_backend("cpu", backend="cuda")
+
+
+def test_import_never_raises_and_stays_cheap():
+    """`import kernels` (transformers 5 does it when probing for hub `kernels`): no raise, no triton, no __version__."""
+    out = run_python("-c", "import sys, kernels; print('triton' in sys.modules, hasattr(kernels, '__version__'))",
+                     PROGRPO_KERNELS="gpu")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_import_without_triton_keeps_torch_path():
+    """With triton unimportable, kernels imports, auto uses torch, and an explicit Triton request raises."""
+    code = ("import sys; sys.modules['triton'] = None\n" + CALL.format(backend="")
+            + "print(kernels.triton_available(), kernels.resolve_backend('cuda'))\n"
+            + "kernels.sde_logprob(v, v, v, .5, .4, .6, backend='triton')")
+    out = run_python("-c", code, TRITON_INTERPRET="1")
+    assert out.stdout.split()[1:] == ["False", "torch"], out.stderr
+    assert out.returncode != 0 and "RuntimeError: Triton backend requested but triton is not importable" in out.stderr
+
+
+# ---- parity with progrpo.py ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def progrpo():
+    sys.path.insert(0, str(REPO_ROOT))
+    import progrpo
+
+    return progrpo
+
+
+def test_sde_reference_equals_progrpo_step(progrpo):
+    """kernels' flow log_prob equals progrpo.sde_step_with_logprob's, incl. a sigma == 1 first step."""
+    gen = torch.Generator().manual_seed(7)
+    v, x, x_next = (torch.randn(3, 4, 6, 6, generator=gen) for _ in range(3))
+    sigma, sigma_next = torch.tensor([1.0, 0.79037, 0.27805]), torch.tensor([0.96013, 0.70728, 0.00893])
+    _, log_prob, _, _ = progrpo.sde_step_with_logprob(v, x, sigma, sigma_next, 0.7, prev_sample=x_next)
+    std_dev_t = 0.7 * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_next, sigma)))
+    ours, _ = sde_logprob(v, x, x_next, sigma, sigma_next, std_dev_t, backend="torch")
+    assert_within(ours, log_prob.float(), BASELINE_TOL)
+
+
+def test_ddim_reference_equals_progrpo_step(progrpo):
+    """kernels' DDIM log_prob equals progrpo.ddim_step_with_logprob's, eta 1."""
+    gen = torch.Generator().manual_seed(8)
+    eps, x, x_next = (torch.randn(3, 4, 6, 6, generator=gen) for _ in range(3))
+    a_t, a_prev = torch.tensor([0.0047, 0.3, 0.9]), torch.tensor([0.0058, 0.33, 0.99])
+    _, log_prob, _, _ = progrpo.ddim_step_with_logprob(eps, x, a_t, a_prev, 1.0, prev_sample=x_next)
+    ours, _ = ddim_logprob(eps, x, x_next, a_t, a_prev, 1.0, backend="torch")
+    assert_within(ours, log_prob.float(), BASELINE_TOL)
+
+
+@pytest.mark.parametrize("global_std", [False, True])
+def test_group_advantages_reference_equals_progrpo(progrpo, global_std):
+    """kernels' advantages equal progrpo.group_advantages (random groups, a singleton, a constant group of 7)."""
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.tensor([5, 5, 5, 5, -2, 9, 9, 9, 9, 9, 9] + [0] * 7)[torch.randperm(18, generator=gen)]
+    rewards = torch.randn(18, generator=gen)
+    rewards[ids == 0] = 22.37  # constant, but its fp32 mean 7 * 22.37 / 7 is not 22.37: adv must still be 0
+    expected = progrpo.group_advantages(rewards, ids, eps=1e-4, clip=5.0, global_std=global_std)
+    torch.testing.assert_close(group_advantages_torch(rewards, ids, global_std=global_std), expected.float(),
+                               rtol=0, atol=ADV_ATOL)
+
+
+# ---- benchmark smoke run --------------------------------------------------------------------------------
+
+def test_bench_quick_runs():
+    """`python -m kernels.bench --quick` exits 0 and prints the table rows for the torch and naive paths."""
+    out = run_python("-m", "kernels.bench", "--quick")
+    assert out.returncode == 0, out.stderr
+    assert " naive " in out.stdout and " torch " in out.stdout
