@@ -60,6 +60,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -88,7 +89,7 @@ def arg(default, help):
 @dataclass
 class Args:
     # TRY NOT TO MODIFY: run plumbing
-    pretrained_model_name_or_path: str = arg("stabilityai/stable-diffusion-3.5-medium", "hub id, local pipeline folder, or 'tiny' (random-weight SD3 built offline)")
+    pretrained_model_name_or_path: str = arg("stabilityai/stable-diffusion-3.5-medium", "hub id or local folder of an SD3 or SD1.x pipeline; 'tiny' / 'tiny-sd1' build random-weight ones offline")
     output_dir: str = arg("outputs/progrpo", "where metrics.jsonl, prune_audit.jsonl, sample grids and LoRA weights go")
     seed: int = arg(0, "seeds prompt order and every trajectory's noise")
     mixed_precision: str = arg("fp16", "model weights dtype on GPU: no | fp16 | bf16 (step math and LoRA stay fp32; CPU always fp32)")
@@ -102,7 +103,7 @@ class Args:
     resolution: int = arg(512, "image side in pixels")
     num_steps: int = arg(10, "T: SDE denoising steps per trajectory during training")
     eval_steps: int = arg(40, "ODE steps for evaluation")
-    noise_level: float = arg(0.7, "a: SDE noise level (Flow-GRPO 0.7); 0 would be the deterministic ODE")
+    noise_level: float = arg(0.7, "flow models: SDE noise level a (Flow-GRPO 0.7); SD1.x: DDIM eta (DDPO/DanceGRPO 1.0)")
     guidance_scale: float = arg(4.5, "classifier-free guidance, used in sampling and in the update")
     max_sequence_length: int = arg(128, "T5 prompt tokens")
     prompts_per_epoch: int = arg(48, "B: prompts per epoch (Flow-GRPO: 48)")
@@ -126,6 +127,7 @@ class Args:
     adv_clip_max: float = arg(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max]")
     beta: float = arg(0.01, "KL penalty weight against the base model (adapter disabled)")
     global_std: bool = arg(False, "Flow-GRPO variant: per-prompt mean but std over the whole batch")
+    full_finetune: bool = arg(False, "train every weight of the denoiser instead of LoRA (DanceGRPO for SD-v1.4; needs --beta 0)")
     rank: int = arg(32, "LoRA rank")
     lora_alpha: int = arg(64, "LoRA alpha (scale = alpha / rank)")
 
@@ -316,21 +318,40 @@ def ppo_clip_loss(logp_new, logp_old, adv, clip_range):
     return torch.maximum(unclipped, clipped).mean(), ratio
 
 
-def step_logprob(v, x, x_next, sigma, sigma_next, noise_level, v_ref=None):
-    """Log-prob of stored steps under the current model (and KL to v_ref), for the update.
+# The sampler's schedule is a dict of (T,) tensors indexed by step: `sigma`, `sigma_next` for flow
+# models, `alpha_prod_t`, `alpha_prod_t_prev` for DDIM. These three functions are the only places that
+# look at which; `i` is a (N,) tensor of step indices, one per trajectory.
 
-    The KL of two Gaussians with the same std: mean over C*H*W of (mean - mean_ref)^2 / (2 std^2), std
-    without the sqrt(-dt) factor (Flow-GRPO). Uses the fused Triton kernel when `kernels` is present.
+def sampler_step(sched, i, out, x, noise_level, prev_sample=None, noise=None):
+    """The family's step: Flow-GRPO SDE (noise_level = a) or DDPO DDIM (noise_level = eta)."""
+    if "sigma" in sched:
+        return sde_step_with_logprob(out, x, sched["sigma"][i], sched["sigma_next"][i], noise_level, prev_sample, noise)
+    return ddim_step_with_logprob(out, x, sched["alpha_prod_t"][i], sched["alpha_prod_t_prev"][i], noise_level, prev_sample, noise)
+
+
+def project_x0(sched, i, x, out):
+    """The family's one-step projection to the final sample."""
+    if "sigma" in sched:
+        return project_x0_flow(x, out, sched["sigma"][i])
+    return project_x0_ddim(x, out, sched["alpha_prod_t"][i])
+
+
+def step_logprob(sched, i, out, x, x_next, noise_level, out_ref=None):
+    """Log-prob of stored steps x -> x_next under the current model output, and the KL to out_ref.
+
+    KL of two Gaussians with the same std: mean over C*H*W of (mean - mean_ref)^2 / (2 std^2), with the
+    flow std taken without its sqrt(-dt) factor (Flow-GRPO). The fused kernels compute the same numbers.
     """
     if kernels is not None:
-        std_dev_t = flow_std(sigma, sigma_next, noise_level)
-        return kernels.sde_logprob(v, x, x_next, sigma, sigma_next, std_dev_t, v_ref=v_ref)
-    _, logp, mean, std = sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, prev_sample=x_next)
-    if v_ref is None:
+        if "sigma" in sched:
+            sigma, sigma_next = sched["sigma"][i], sched["sigma_next"][i]
+            return kernels.sde_logprob(out, x, x_next, sigma, sigma_next, flow_std(sigma, sigma_next, noise_level), v_ref=out_ref)
+        return kernels.ddim_logprob(out, x, x_next, sched["alpha_prod_t"][i], sched["alpha_prod_t_prev"][i], noise_level, eps_ref=out_ref)
+    _, logp, mean, std = sampler_step(sched, i, out, x, noise_level, prev_sample=x_next)
+    if out_ref is None:
         return logp, None
-    mean_ref = sde_step_with_logprob(v_ref, x, sigma, sigma_next, noise_level, prev_sample=x_next)[2]
-    kl = ((mean - mean_ref) ** 2).mean(dim=(1, 2, 3)) / (2 * std**2)
-    return logp, kl
+    mean_ref = sampler_step(sched, i, out_ref, x, noise_level, prev_sample=x_next)[2]
+    return logp, ((mean - mean_ref) ** 2).mean(dim=(1, 2, 3)) / (2 * std**2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -373,48 +394,92 @@ def jpeg_incompressibility(images, prompts):
     return jpeg_size_kb(images)
 
 
-class PickScore:
-    """PickScore (Kirstain et al. 2023): a CLIP-H model fine-tuned on Pick-a-Pic human preferences.
+def clip_preprocess(images, size, mean, std):
+    """CLIP preprocessing on tensors: bicubic resize of the short side to `size`, centre crop, normalise."""
+    h, w = images.shape[-2:]
+    scale = size / min(h, w)
+    images = F.interpolate(images.float(), size=(max(size, round(h * scale)), max(size, round(w * scale))),
+                           mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
+    images = images[..., top:top + size, left:left + size]
+    return (images - torch.tensor(mean, device=images.device).view(1, 3, 1, 1)) / torch.tensor(std, device=images.device).view(1, 3, 1, 1)
 
-    score = logit_scale.exp() * cos(image embedding, text embedding); a typical SD3.5-M image scores ~22.
-    Flow-GRPO trains on score / 26; advantages are scale-free, so we keep the paper's raw units.
+
+class ClipScore:
+    """A CLIP model through transformers scoring image-prompt agreement: cos(image, text) embeddings.
+
+    PickScore (Kirstain et al. 2023, a CLIP-H fine-tuned on Pick-a-Pic preferences) multiplies by the
+    model's logit scale: a typical SD3.5-M image scores ~22. Flow-GRPO trains on PickScore / 26;
+    advantages are scale-free, so we keep the paper's raw units. CLIP score is the plain cosine.
     """
 
-    def __init__(self, device, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
+    def __init__(self, device, model, processor, logit_scaled):
         from transformers import AutoProcessor, CLIPModel
 
         self.processor = AutoProcessor.from_pretrained(processor)
         self.model = CLIPModel.from_pretrained(model).eval().requires_grad_(False).to(device)
-        image_config = self.processor.image_processor
-        self.size = image_config.crop_size["height"]
-        self.mean = torch.tensor(image_config.image_mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(image_config.image_std, device=device).view(1, 3, 1, 1)
+        self.logit_scaled = logit_scaled
 
     @torch.no_grad()
     def __call__(self, images, prompts):
-        device = self.mean.device
-        images = images.to(device, torch.float32)
-        # CLIP preprocessing on tensors: resize the short side, centre-crop, normalise
-        h, w = images.shape[-2:]
-        scale = self.size / min(h, w)
-        images = F.interpolate(images, size=(max(self.size, round(h * scale)), max(self.size, round(w * scale))),
-                               mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-        top, left = (images.shape[-2] - self.size) // 2, (images.shape[-1] - self.size) // 2
-        images = (images[..., top:top + self.size, left:left + self.size] - self.mean) / self.std
+        device, config = self.model.device, self.processor.image_processor
+        pixels = clip_preprocess(images.to(device), config.crop_size["height"], config.image_mean, config.image_std)
         text = self.processor.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt").to(device)
-        image_embeds = self.model.get_image_features(pixel_values=images)
+        image_embeds = self.model.get_image_features(pixel_values=pixels)
         text_embeds = self.model.get_text_features(**text)
         # transformers 5 returns model outputs whose pooler_output is the projected embedding; 4.x a tensor
         image_embeds, text_embeds = (e if torch.is_tensor(e) else e.pooler_output for e in (image_embeds, text_embeds))
-        image_embeds, text_embeds = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
-        return (self.model.logit_scale.exp() * (image_embeds * text_embeds).sum(-1)).float().cpu()
+        cos = (F.normalize(image_embeds, dim=-1) * F.normalize(text_embeds, dim=-1)).sum(-1)
+        return (self.model.logit_scale.exp() * cos if self.logit_scaled else cos).float().cpu()
+
+
+def PickScore(device, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
+    return ClipScore(device, model, processor, logit_scaled=True)
+
+
+def CLIPScore(device, model="openai/clip-vit-large-patch14", processor="openai/clip-vit-large-patch14"):
+    return ClipScore(device, model, processor, logit_scaled=False)
+
+
+class HPSv2:
+    """HPSv2.1 (Wu et al. 2023): open_clip ViT-H-14 fine-tuned on human preference pairs; score = cos.
+
+    A typical SD-v1.4 image scores ~0.25 (the paper: DanceGRPO 0.369, Pro-GRPO 0.391 after training).
+    open_clip is imported here, so the package is needed only when this reward is used.
+    """
+
+    def __init__(self, device, checkpoint=None, arch="ViT-H-14"):
+        try:
+            import open_clip
+        except ImportError:
+            raise RunError("the hpsv2 reward needs open_clip: pip install open_clip_torch") from None
+        if checkpoint is None:
+            from huggingface_hub import hf_hub_download
+
+            checkpoint = hf_hub_download("xswu/HPSv2", "HPS_v2.1_compressed.pt")
+        self.model = open_clip.create_model(arch, pretrained=None)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state.get("state_dict", state))
+        self.model = self.model.eval().requires_grad_(False).to(device)
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.size = self.model.visual.image_size[0] if isinstance(self.model.visual.image_size, tuple) else self.model.visual.image_size
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        device = next(self.model.parameters()).device
+        pixels = clip_preprocess(images.to(device), self.size, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+        image_embeds = F.normalize(self.model.encode_image(pixels), dim=-1)
+        text_embeds = F.normalize(self.model.encode_text(self.tokenizer(prompts).to(device)), dim=-1)
+        return (image_embeds * text_embeds).sum(-1).float().cpu()
 
 
 REWARDS = {
     "colour": lambda device: colour_reward,
     "jpeg_compressibility": lambda device: jpeg_compressibility,
     "jpeg_incompressibility": lambda device: jpeg_incompressibility,
-    "pickscore": lambda device: PickScore(device),
+    "pickscore": PickScore,
+    "hpsv2": HPSv2,
+    "clipscore": CLIPScore,
 }
 
 
@@ -446,8 +511,20 @@ def build_reward(spec, device):
 # TRY NOT TO MODIFY: model setup
 # ----------------------------------------------------------------------------------------------------
 
-LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]  # Flow-GRPO's
+LORA_TARGETS = {  # attention projections: Flow-GRPO's for the SD3 transformer, diffusers' for the UNet
+    "flow": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"],
+    "ddim": ["to_q", "to_k", "to_v", "to_out.0"],
+}
+
+
+def family(pipe):
+    """'flow' for SD3-family pipelines (velocity, SDE sampler), 'ddim' for SD1.x (eps, DDIM sampler)."""
+    return "flow" if hasattr(pipe, "transformer") else "ddim"
+
+
+def denoiser(pipe):
+    """The network being fine-tuned: the SD3 transformer or the SD1 UNet."""
+    return pipe.transformer if family(pipe) == "flow" else pipe.unet
 
 
 def _tiny_tokenizers():
@@ -462,28 +539,25 @@ def _tiny_tokenizers():
     return clip[0], clip[1], T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
-def build_tiny_pipeline(seed=0):
-    """A random-weight StableDiffusion3Pipeline of the real classes, small enough for a CPU, built offline.
+def _tiny_clip_config(tokenizer, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                          vocab_size=len(tokenizer), hidden_act="gelu", attention_dropout=0.0, dropout=0.0,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **extra)
+
+
+def _colour_vae():
+    """A tiny AutoencoderKL whose decoder carries latent channels 0..2 through as RGB.
 
     A random VAE decodes every latent to nearly the same grey image, so a pixel reward could not tell
-    trajectories apart. We wire the tiny VAE's decoder to carry colour through instead: latent channels
-    0..2 become RGB (up to one global contrast normalisation by its final GroupNorm), everything else in
-    the decoder is an identity. The transformer and text encoders stay random, as in a real pre-training start.
+    trajectories apart. Here every residual block of the decoder is an identity (zeroed conv2 and
+    attention output), its one upsampler copies pixels, and channels c, c + 3 carry +z_c, -z_c, so the
+    final GroupNorm (one group) subtracts exactly 0 and divides by the rms of z: image_c = 0.6 z_c / rms(z).
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)
-    tok_l, tok_g, tok_t5 = _tiny_tokenizers()
-    clip = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
-                vocab_size=len(tok_l), hidden_act="gelu", attention_dropout=0.0, dropout=0.0,
-                bos_token_id=tok_l.bos_token_id, eos_token_id=tok_l.eos_token_id, pad_token_id=tok_l.pad_token_id)
-    t5 = T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, vocab_size=len(tok_t5), dropout_rate=0.0,
-                  feed_forward_proj="gated-gelu", is_encoder_decoder=False)
-    transformer = SD3Transformer2DModel(  # SD3.5-M's layout (dual attention, RMS qk-norm), 2 layers of width 64
-        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=32,
-        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=64,
-        pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm")
     vae = AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
         layers_per_block=1, latent_channels=4, norm_num_groups=1, scaling_factor=1.0, shift_factor=0.0,
@@ -491,78 +565,138 @@ def build_tiny_pipeline(seed=0):
     with torch.no_grad():
         dec = vae.decoder
         for p in dec.parameters():
-            p.zero_()  # zeroed resnet conv2 / attention to_out make every residual block an identity
-        for c in range(3):  # channels c and c + 3 carry +z_c and -z_c, so the GroupNorm mean is exactly 0
+            p.zero_()
+        for c in range(3):
             dec.conv_in.weight[c, c, 1, 1], dec.conv_in.weight[c + 3, c, 1, 1] = 1.0, -1.0
-            dec.conv_out.weight[c, c, 1, 1], dec.conv_out.weight[c, c + 3, 1, 1] = 1.0, -1.0  # silu(a)-silu(-a) = a
-        for up in dec.up_blocks:
-            for upsampler in up.upsamplers or []:
-                upsampler.conv.weight[:, :, 1, 1] = torch.eye(8)  # nearest-neighbour upsampling, then identity
-        dec.conv_norm_out.weight.fill_(0.6)  # image = 0.6 z_c / rms(z) in [-1, 1] before the [0, 1] mapping
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**clip)), tokenizer=tok_l,
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip)), tokenizer_2=tok_g,
-        text_encoder_3=T5EncoderModel(t5), tokenizer_3=tok_t5)
-    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        module.eval()
+            dec.conv_out.weight[c, c, 1, 1], dec.conv_out.weight[c, c + 3, 1, 1] = 1.0, -1.0  # silu(a) - silu(-a) = a
+        dec.up_blocks[0].upsamplers[0].conv.weight[:, :, 1, 1] = torch.eye(8)  # nearest-neighbour upsampling
+        dec.conv_norm_out.weight.fill_(0.6)
+    return vae
+
+
+def build_tiny_pipeline(kind="flow", seed=0):
+    """A random-weight pipeline of the real classes, small enough for a CPU, built offline.
+
+    kind 'flow': StableDiffusion3Pipeline with SD3.5-M's layout (dual attention, RMS qk-norm, three text
+    encoders); kind 'ddim': StableDiffusionPipeline (SD-v1.4's UNet layout, DDIM with its schedule).
+    The denoiser and text encoders are random; the VAE carries colour through (see _colour_vae).
+    """
+    from diffusers import (DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline,
+                           StableDiffusionPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok_l, tok_g, tok_t5 = _tiny_tokenizers()
+    if kind == "ddim":
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=16,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8)
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                  clip_sample=False, set_alpha_to_one=False)  # SD-v1.4's
+        pipe = StableDiffusionPipeline(vae=_colour_vae(), text_encoder=CLIPTextModel(_tiny_clip_config(tok_l)), tokenizer=tok_l,
+                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    else:
+        t5 = T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, vocab_size=len(tok_t5), dropout_rate=0.0,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+        transformer = SD3Transformer2DModel(
+            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=32,
+            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=64,
+            pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm")
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_colour_vae(),
+            text_encoder=CLIPTextModelWithProjection(_tiny_clip_config(tok_l, projection_dim=32)), tokenizer=tok_l,
+            text_encoder_2=CLIPTextModelWithProjection(_tiny_clip_config(tok_g, projection_dim=32)), tokenizer_2=tok_g,
+            text_encoder_3=T5EncoderModel(t5), tokenizer_3=tok_t5)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
     return pipe
 
 
 def load_pipeline(name_or_path, dtype):
-    """'tiny', a local folder, or a hub id -> StableDiffusion3Pipeline with frozen weights in `dtype`."""
-    from diffusers import StableDiffusion3Pipeline
+    """'tiny' (SD3) or 'tiny-sd1', a local folder, or a hub id -> pipeline with frozen weights in `dtype`.
 
-    if name_or_path == "tiny":
-        pipe = build_tiny_pipeline()
+    The model family is read from the pipeline itself; SD1.x pipelines get a DDIM scheduler (DDPO).
+    """
+    from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    if name_or_path in ("tiny", "tiny-sd1"):
+        pipe = build_tiny_pipeline("flow" if name_or_path == "tiny" else "ddim")
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
         is_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
         if not is_hub_id and not os.path.isdir(name_or_path):
-            raise RunError(f"model folder '{name_or_path}' does not exist (give a folder, a hub id, or 'tiny')")
+            raise RunError(f"model folder '{name_or_path}' does not exist (give a folder, a hub id, 'tiny' or 'tiny-sd1')")
         try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, dtype=dtype)
+            pipe = DiffusionPipeline.from_pretrained(name_or_path, dtype=dtype, safety_checker=None)
         except (OSError, ValueError) as e:
             raise RunError(f"could not load '{name_or_path}': {str(e).splitlines()[0]} "
                            "(gated hub models need `hf auth login` and an accepted licence)") from None
-    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        if module is not None:
+        if not isinstance(pipe, (StableDiffusion3Pipeline, StableDiffusionPipeline)):
+            raise RunError(f"'{name_or_path}' is a {type(pipe).__name__}; supported: StableDiffusion3Pipeline, StableDiffusionPipeline")
+        if isinstance(pipe, StableDiffusionPipeline):
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
     return pipe
 
 
-def add_lora(transformer, rank, alpha):
-    """peft LoRA on the attention projections; base weights stay frozen in their dtype, LoRA weights fp32."""
+def trainable_parameters(pipe, args):
+    """LoRA (peft) on the attention projections, or the whole denoiser with --full_finetune; fp32 either way.
+
+    With LoRA the base weights stay frozen in their dtype and the reference policy for the KL is the same
+    network with the adapter disabled.
+    """
     from peft import LoraConfig
 
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-    params = [p for p in transformer.parameters() if p.requires_grad]
+    model = denoiser(pipe)
+    if args.full_finetune:  # DanceGRPO's choice for SD-v1.4: every UNet weight, fp32 master copy
+        model.float().requires_grad_(True)
+        return list(model.parameters())
+    model.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
+                                 target_modules=LORA_TARGETS[family(pipe)]))
+    params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
-        p.data = p.data.float()  # fp32 master weights for the optimiser, even with an fp16 base model
+        p.data = p.data.float()  # fp32 weights for the optimiser, even with an fp16 base model
     return params
 
 
-def save_lora(pipe, directory):
-    """Writes pytorch_lora_weights.safetensors (diffusers format) atomically: a killed save leaves the old one."""
-    from diffusers import StableDiffusion3Pipeline
+def save_weights(pipe, directory, full_finetune):
+    """LoRA as pytorch_lora_weights.safetensors (diffusers format, `pipe.load_lora_weights(dir)` loads it),
+    or the full denoiser as a diffusers model folder. Every file is written to a temporary name, then
+    renamed, so a save killed half-way leaves the previous file intact."""
     from peft.utils import get_peft_model_state_dict
 
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
-    StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
-    directory.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp / "pytorch_lora_weights.safetensors", directory / "pytorch_lora_weights.safetensors")
-    tmp.rmdir()
+    model = denoiser(pipe)
+    if full_finetune:
+        model.save_pretrained(tmp / ("transformer" if family(pipe) == "flow" else "unet"))
+    else:
+        key = "transformer" if family(pipe) == "flow" else "unet"
+        type(pipe).save_lora_weights(tmp, **{f"{key}_lora_layers": get_peft_model_state_dict(model),  # the weights,
+                                             f"{key}_lora_adapter_metadata": model.peft_config["default"].to_dict()})  # alpha, targets
+    for file in sorted(f for f in tmp.rglob("*") if f.is_file()):
+        target = directory / file.relative_to(tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(file, target)
+    shutil.rmtree(tmp)
 
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts, max_sequence_length):
     """Text embeddings for the prompts and for the empty negative prompt (CFG), computed once per epoch."""
-    embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
+    device = denoiser(pipe).device
+    if family(pipe) == "ddim":
+        embeds, neg_embeds = pipe.encode_prompt(prompts, device, 1, True, negative_prompt=[""] * len(prompts))
+        return dict(embeds=embeds, neg_embeds=neg_embeds[:1])
+    embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(  # SD3: CLIP-L + CLIP-G + T5, and pooled CLIP
         prompt=prompts, prompt_2=prompts, prompt_3=prompts, negative_prompt="", negative_prompt_2="",
-        negative_prompt_3="", do_classifier_free_guidance=True, device=pipe.transformer.device,
-        max_sequence_length=max_sequence_length)
+        negative_prompt_3="", do_classifier_free_guidance=True, device=device, max_sequence_length=max_sequence_length)
     return dict(embeds=embeds, pooled=pooled, neg_embeds=neg_embeds[:1], neg_pooled=neg_pooled[:1])
 
 
@@ -570,7 +704,7 @@ def encode_prompts(pipe, prompts, max_sequence_length):
 def decode(pipe, x):
     """Latents -> images in [0, 1], (N, 3, H, W) fp32."""
     vae = pipe.vae
-    latents = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    latents = x / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
     images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
@@ -584,28 +718,42 @@ def trajectory_seed(seed, epoch, prompt, member):
     return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}/{prompt}/{member}".encode()).digest()[:8], "little") >> 1
 
 
-def flow_schedule(scheduler, num_steps, device):
-    """sigmas (T + 1,) from 1 to 0 and the matching transformer timesteps (T,) = 1000 sigma, from diffusers."""
+def sampler_schedule(pipe, num_steps, device):
+    """The per-step schedule of the pipeline's sampler: (T,) tensors, see sampler_step.
+
+    Flow: sigmas from diffusers' FlowMatchEulerDiscreteScheduler (1 -> 0; SD3.5: shift 3), model timestep
+    1000 sigma. DDIM: diffusers' timesteps (981, 961, ..., 1 for T = 50) and alphas_cumprod at t and at
+    prev_t = t - 1000 / T clamped at 0 (DDPO).
+    """
+    scheduler = pipe.scheduler
     scheduler.set_timesteps(num_steps, device=device)
-    return scheduler.sigmas.to(device, torch.float32), scheduler.timesteps.to(device)
+    timesteps = scheduler.timesteps.to(device)
+    if family(pipe) == "flow":
+        sigmas = scheduler.sigmas.to(device, torch.float32)  # (T + 1,), ends at 0
+        return dict(timesteps=timesteps, sigma=sigmas[:-1], sigma_next=sigmas[1:])
+    prev = (timesteps - scheduler.config.num_train_timesteps // num_steps).clamp(min=0)
+    alphas = scheduler.alphas_cumprod.to(device, torch.float32)
+    return dict(timesteps=timesteps, alpha_prod_t=alphas[timesteps], alpha_prod_t_prev=alphas[prev])
 
 
-def predict_velocity(transformer, x, timestep, text, prompt_idx, guidance_scale, batch_size):
-    """Guided velocity v = v_uncond + g (v_text - v_uncond) for every latent in x, in micro-batches.
+def predict(model, x, t, text, prompt_idx, guidance_scale, batch_size):
+    """Guided model output o = o_uncond + g (o_text - o_uncond) for every latent in x, in micro-batches.
 
-    x: (N, C, h, w) fp32; timestep: scalar tensor; prompt_idx: (N,) rows of `text`. The same function
-    serves sampling and the update, so both see the same CFG, dtype and batch composition rules.
+    The velocity for SD3, the noise eps for SD1. x: (N, C, h, w) fp32; t: (N,) model timesteps;
+    prompt_idx: (N,) rows of `text`. The same function serves sampling and the update, so both see the
+    same CFG, dtype and conditioning: the first update step reproduces the sampling log-probs.
     """
     out = []
-    for b_x, b_p in zip(x.split(batch_size), prompt_idx.split(batch_size)):
+    for b_x, b_t, b_p in zip(x.split(batch_size), t.split(batch_size), prompt_idx.split(batch_size)):
         n = len(b_x)
-        embeds = torch.cat([text["neg_embeds"].expand(n, -1, -1), text["embeds"][b_p]])  # (2n, L, D)
-        pooled = torch.cat([text["neg_pooled"].expand(n, -1), text["pooled"][b_p]])  # (2n, P)
-        model_in = torch.cat([b_x, b_x]).to(embeds.dtype)  # forward in the weight dtype (text embeds carry it)
-        v = transformer(hidden_states=model_in, timestep=timestep.expand(2 * n), encoder_hidden_states=embeds,
-                        pooled_projections=pooled, return_dict=False)[0]
-        v_uncond, v_text = v.float().chunk(2)  # back to fp32 for all step math
-        out.append(v_uncond + guidance_scale * (v_text - v_uncond))
+        cond = dict(encoder_hidden_states=torch.cat([text["neg_embeds"].expand(n, -1, -1), text["embeds"][b_p]]))  # (2n, L, D)
+        if "pooled" in text:  # SD3 also conditions on pooled CLIP embeddings
+            cond["pooled_projections"] = torch.cat([text["neg_pooled"].expand(n, -1), text["pooled"][b_p]])  # (2n, P)
+        dtype = model.dtype  # forward in the weight dtype; everything after it in fp32
+        o = model(torch.cat([b_x, b_x]).to(dtype), timestep=torch.cat([b_t, b_t]), return_dict=False,
+                  **{k: v.to(dtype) for k, v in cond.items()})[0]
+        o_uncond, o_text = o.float().chunk(2)  # (n, C, h, w) each
+        out.append(o_uncond + guidance_scale * (o_text - o_uncond))
     return torch.cat(out)
 
 
@@ -643,22 +791,25 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, progress=Fals
       latents (N, T + 1, C, h, w) fp32, log_probs (N, T), rewards (N,), prompt_idx (N,), member (N,),
     plus counters (NFE, decodes, reward calls) and the per-prompt prune audit.
     """
-    transformer, device = pipe.transformer, pipe.transformer.device
+    model = denoiser(pipe)
+    device = model.device
     B, G, T = len(prompts), args.group_size, args.num_steps
-    sigmas, timesteps = flow_schedule(pipe.scheduler, T, device)
-    shape = (transformer.config.in_channels, args.resolution // pipe.vae_scale_factor, args.resolution // pipe.vae_scale_factor)
+    sched = sampler_schedule(pipe, T, device)
+    side = args.resolution // pipe.vae_scale_factor
+    shape = (model.config.in_channels, side, side)
     live = torch.arange(B * G)  # ids of the live trajectories, increasing, so each prompt's rows stay contiguous
     generators = [torch.Generator(device).manual_seed(trajectory_seed(args.seed, epoch, int(i) // G, int(i) % G)) for i in live]
-    x = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])  # (B G, C, h, w) at sigma = 1
+    x = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])  # (B G, C, h, w), pure noise
     latents, log_probs = [x], []  # one (n_live, ...) entry per step; rows follow `live`
     keep_at, stats = dict(schedule), dict(nfe=0, decodes=0, reward_calls=0, group_std=[])
     audit = [dict(prompt=p, checkpoints=[]) for p in prompts]
     for i in tqdm(range(T), desc=f"epoch {epoch} sampling", leave=False, disable=not progress):
-        v = predict_velocity(transformer, x, timesteps[i], text, live // G, args.guidance_scale, args.sample_batch_size)
-        stats["nfe"] += len(live)  # one trajectory-step per live trajectory: nothing else calls the transformer
+        steps = torch.full((len(live),), i, device=device)  # (n_live,) the step index of every live trajectory
+        out = predict(model, x, sched["timesteps"][steps], text, live // G, args.guidance_scale, args.sample_batch_size)
+        stats["nfe"] += len(live)  # one trajectory-step per live trajectory: nothing else calls the model
         if i in keep_at:
-            # Pro-GRPO: project to x0 with the velocity step i needs anyway, decode, score, keep OVF subsets
-            proxy = score(pipe, project_x0_flow(x, v, sigmas[i]), [prompts[p] for p in live // G], reward_fn,
+            # Pro-GRPO: project to x0 with the output step i needs anyway, decode, score, keep OVF subsets
+            proxy = score(pipe, project_x0(sched, steps, x, out), [prompts[p] for p in live // G], reward_fn,
                           args.decode_batch_size, stats).view(B, -1)  # (B, n_live / B)
             keep = ovf_rows(proxy, keep_at[i])
             stats["group_std"].append((group_std(proxy), group_std(proxy.view(-1)[keep].view(B, -1))))
@@ -666,11 +817,10 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, progress=Fals
             for p in range(B):
                 audit[p]["checkpoints"].append(dict(step=i, members=members[p], proxy=proxy[p].tolist(), kept=kept[p]))
             # pruned trajectories stop here: drop their rows everywhere so their memory is released
-            live, x, v = live[keep], x[keep], v[keep]
+            live, x, out, steps = live[keep], x[keep], out[keep], steps[keep]
             latents, log_probs = [l[keep] for l in latents], [lp[keep] for lp in log_probs]
         noise = torch.stack([torch.randn(shape, generator=generators[j], device=device) for j in live.tolist()])
-        n_live = len(live)
-        x, logp, _, _ = sde_step_with_logprob(v, x, sigmas[i].expand(n_live), sigmas[i + 1].expand(n_live), args.noise_level, noise=noise)
+        x, logp, _, _ = sampler_step(sched, steps, out, x, args.noise_level, noise=noise)
         latents.append(x)
         log_probs.append(logp)
     rewards = score(pipe, x, [prompts[p] for p in live // G], reward_fn, args.decode_batch_size, stats)
@@ -686,17 +836,18 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, progress=Fals
 
 
 @torch.no_grad()
-def sample_ode(pipe, text, args, num_steps, seed):
-    """Evaluation images: deterministic Euler ODE (noise level 0), one per prompt, fixed noise per prompt."""
-    transformer, device = pipe.transformer, pipe.transformer.device
-    n = len(text["embeds"])
-    sigmas, timesteps = flow_schedule(pipe.scheduler, num_steps, device)
+def sample_deterministic(pipe, text, args, num_steps, seed):
+    """Evaluation images: the deterministic sampler (Euler ODE / DDIM eta = 0), one per prompt, fixed noise."""
+    model = denoiser(pipe)
+    device, n = model.device, len(text["embeds"])
+    sched = sampler_schedule(pipe, num_steps, device)
     side = args.resolution // pipe.vae_scale_factor
-    x = torch.stack([torch.randn((transformer.config.in_channels, side, side), device=device,
+    x = torch.stack([torch.randn((model.config.in_channels, side, side), device=device,
                                  generator=torch.Generator(device).manual_seed(trajectory_seed(seed, "eval", p, 0))) for p in range(n)])
     for i in range(num_steps):
-        v = predict_velocity(transformer, x, timesteps[i], text, torch.arange(n), args.guidance_scale, args.sample_batch_size)
-        x = sde_step_with_logprob(v, x, sigmas[i].expand(n), sigmas[i + 1].expand(n), 0.0)[0]
+        steps = torch.full((n,), i, device=device)
+        out = predict(model, x, sched["timesteps"][steps], text, torch.arange(n), args.guidance_scale, args.sample_batch_size)
+        x = sampler_step(sched, steps, out, x, 0.0)[0]
     return torch.cat([decode(pipe, b) for b in x.split(args.decode_batch_size)])
 
 
@@ -707,14 +858,21 @@ def sample_ode(pipe, text, args, num_steps, seed):
 def train_epoch(pipe, params, optimizer, samples, adv, text, args, epoch, progress=False):
     """PPO-clip GRPO over the survivors' stored steps: recompute log-probs, clip, KL, AdamW.
 
-    Micro-batches of trajectories, each trained on its first int(T * timestep_fraction) steps in order
-    (Flow-GRPO); the epoch's micro-batches are split into `updates_per_epoch` optimiser steps.
-    Returns lists of per-(micro-batch, step) statistics.
+    Each trajectory trains on its first int(T * timestep_fraction) steps: in order for flow models
+    (Flow-GRPO), in a random order per trajectory for diffusion models (DanceGRPO). Micro-batches of
+    trajectories; the epoch's micro-batches are split into `updates_per_epoch` optimiser steps.
+    Returns per-(micro-batch, step) statistics.
     """
-    transformer, device = pipe.transformer, pipe.transformer.device
-    sigmas, timesteps = flow_schedule(pipe.scheduler, args.num_steps, device)
+    model = denoiser(pipe)
+    device = model.device
+    sched = sampler_schedule(pipe, args.num_steps, device)
     n_train = int(args.num_steps * args.timestep_fraction)
-    order = torch.randperm(len(adv), generator=torch.Generator().manual_seed(trajectory_seed(args.seed, epoch, "train", 0)))
+    g = torch.Generator().manual_seed(trajectory_seed(args.seed, epoch, "train", 0))
+    order = torch.randperm(len(adv), generator=g)
+    if family(pipe) == "flow":
+        step_order = torch.arange(n_train).repeat(len(adv), 1)  # (N, n_train)
+    else:
+        step_order = torch.stack([torch.randperm(n_train, generator=g) for _ in range(len(adv))])
     minibatches = order.split(args.train_batch_size)
     info = {k: [] for k in ("loss", "ratio", "approx_kl", "clipfrac", "kl", "grad_norm")}
     bar = tqdm(total=len(minibatches) * n_train, desc=f"epoch {epoch} update", leave=False, disable=not progress)
@@ -722,24 +880,27 @@ def train_epoch(pipe, params, optimizer, samples, adv, text, args, epoch, progre
         for mb in update.tolist():
             b_idx = minibatches[mb]
             b_x, b_logp_old, b_adv = samples["latents"][b_idx], samples["log_probs"][b_idx], adv[b_idx]  # (b, T+1, C, h, w), (b, T), (b,)
-            b_prompt, n = samples["prompt_idx"][b_idx], len(b_idx)
+            b_prompt, rows = samples["prompt_idx"][b_idx], torch.arange(len(b_idx))
             for j in range(n_train):
-                v = predict_velocity(transformer, b_x[:, j], timesteps[j], text, b_prompt, args.guidance_scale, n)
-                v_ref = None
+                steps = step_order[b_idx, j]  # (b,) which step each trajectory trains now
+                x, x_next, t = b_x[rows, steps], b_x[rows, steps + 1], sched["timesteps"][steps.to(device)]
+                out = predict(model, x, t, text, b_prompt, args.guidance_scale, len(b_idx))
+                out_ref = None
                 if args.beta > 0:  # the reference policy is the base model: the same network, adapter off
-                    transformer.disable_adapters()
+                    model.disable_adapters()
                     with torch.no_grad():
-                        v_ref = predict_velocity(transformer, b_x[:, j], timesteps[j], text, b_prompt, args.guidance_scale, n)
-                    transformer.enable_adapters()
-                logp_new, kl = step_logprob(v, b_x[:, j], b_x[:, j + 1], sigmas[j].expand(n), sigmas[j + 1].expand(n), args.noise_level, v_ref)
-                loss, ratio = ppo_clip_loss(logp_new, b_logp_old[:, j], b_adv, args.clip_range)
+                        out_ref = predict(model, x, t, text, b_prompt, args.guidance_scale, len(b_idx))
+                    model.enable_adapters()
+                logp_new, kl = step_logprob(sched, steps.to(device), out, x, x_next, args.noise_level, out_ref)
+                logp_old = b_logp_old[rows, steps]
+                loss, ratio = ppo_clip_loss(logp_new, logp_old, b_adv, args.clip_range)
                 if kl is not None:
                     loss = loss + args.beta * kl.mean()
                 (loss / (len(update) * n_train)).backward()  # average over the micro-batches and steps of one update
                 # statistics stay on the device: a .item() here would be a CPU-GPU sync point every step
                 info["loss"].append(loss.detach())
                 info["ratio"].append(ratio.detach().mean())
-                info["approx_kl"].append(0.5 * ((logp_new.detach() - b_logp_old[:, j]) ** 2).mean())
+                info["approx_kl"].append(0.5 * ((logp_new.detach() - logp_old) ** 2).mean())
                 info["clipfrac"].append(((ratio.detach() - 1).abs() > args.clip_range).float().mean())
                 info["kl"].append(kl.detach().mean() if kl is not None else torch.zeros((), device=device))
                 bar.update()
@@ -781,6 +942,10 @@ def validate(args):
         raise RunError(f"--ovf_after_sampling {args.ovf_after_sampling} must be in [2, {final}) (the group reaching the end)")
     if args.mixed_precision not in ("no", "fp16", "bf16"):
         raise RunError(f"--mixed_precision must be no, fp16 or bf16 (got '{args.mixed_precision}')")
+    if args.full_finetune and args.beta > 0:
+        raise RunError("--full_finetune has no frozen reference for the KL term; use --beta 0 (as DanceGRPO) or LoRA")
+    if args.noise_level <= 0:
+        raise RunError(f"--noise_level must be positive: training needs a stochastic sampler (got {args.noise_level})")
     if args.resolution % 16:
         raise RunError(f"--resolution must be a multiple of 16 (got {args.resolution})")
     if min(args.prompts_per_epoch, args.sample_batch_size, args.decode_batch_size, args.train_batch_size, args.updates_per_epoch) < 1:
@@ -799,7 +964,7 @@ def main(args):
     pipe = load_pipeline(args.pretrained_model_name_or_path, dtype).to(device)
     if pipe.vae.dtype != torch.float32:
         pipe.vae.to(torch.float32)  # decode in fp32 (Flow-GRPO): an fp16 SD3 VAE overflows
-    params = add_lora(pipe.transformer, args.rank, args.lora_alpha)
+    params = trainable_parameters(pipe, args)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay)
     out = Path(args.output_dir)
     (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -861,8 +1026,8 @@ def main(args):
               + (f" | eval {metrics['eval/reward_mean']:.4f}" if "eval/reward_mean" in metrics else "")
               + f" | {t1 - t0:.1f}s + {t2 - t1:.1f}s")
         if (epoch + 1) % args.checkpointing_steps == 0:
-            save_lora(pipe, out / f"checkpoint-{epoch + 1}")
-    save_lora(pipe, out)
+            save_weights(pipe, out / f"checkpoint-{epoch + 1}", args.full_finetune)
+    save_weights(pipe, out, args.full_finetune)
     plot_rewards(history, out / "reward_curve.png")
     print(f"done: metrics {out / 'metrics.jsonl'}, audit {out / 'prune_audit.jsonl'}, grids {out / 'samples'}, "
           f"curve {out / 'reward_curve.png'}, LoRA {out / 'pytorch_lora_weights.safetensors'}")
@@ -876,7 +1041,7 @@ def main(args):
 def evaluate(pipe, reward_fn, prompts, args, grid_path):
     """ODE samples on held-out prompts: mean reward, and a grid PNG (one image per prompt)."""
     text = encode_prompts(pipe, prompts, args.max_sequence_length)
-    images = sample_ode(pipe, text, args, args.eval_steps, args.seed)
+    images = sample_deterministic(pipe, text, args, args.eval_steps, args.seed)
     save_grid(images, grid_path, ncol=len(COLOURS) if args.eval_prompts == "demo" else 4)
     return reward_fn(images, prompts).mean().item()
 

@@ -51,10 +51,9 @@ def test_sde_step_matches_flow_grpo_reference(reference):
 
 def test_flow_schedule_matches_reference_sigmas(reference):
     """Our SD3.5 schedule (diffusers, shift 3, T=10) gives the sigmas and timesteps the reference used."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    sigmas, timesteps = progrpo.flow_schedule(FlowMatchEulerDiscreteScheduler(shift=3.0), 10, "cpu")
-    assert rel_close(sigmas, reference["flow_sigmas"]) and rel_close(timesteps, reference["flow_timesteps"])
+    sched = progrpo.sampler_schedule(progrpo.build_tiny_pipeline("flow"), 10, "cpu")
+    assert rel_close(torch.cat([sched["sigma"], sched["sigma_next"][-1:]]), reference["flow_sigmas"])
+    assert rel_close(sched["timesteps"], reference["flow_timesteps"])
 
 
 def test_noise_level_zero_is_the_euler_step():
@@ -98,9 +97,8 @@ def test_projection_is_posterior_mean_for_gaussian_data():
 
 def test_sde_sampler_recovers_gaussian_data():
     """Driven by the exact velocity, the Flow-GRPO SDE sampler ends at mean M and std S (200 steps, 40k samples)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    sigmas, _ = progrpo.flow_schedule(FlowMatchEulerDiscreteScheduler(shift=3.0), 200, "cpu")
+    sched = progrpo.sampler_schedule(progrpo.build_tiny_pipeline("flow"), 200, "cpu")
+    sigmas = torch.cat([sched["sigma"], sched["sigma_next"][-1:]])
     g = torch.Generator().manual_seed(0)
     n = 40_000
     x = torch.randn(n, 1, 1, 1, generator=g)
@@ -111,6 +109,61 @@ def test_sde_sampler_recovers_gaussian_data():
     # sampling error of the mean is S / sqrt(n) = 0.0025; 10 steps instead of 200 would end at std ~0.42
     assert abs(x.mean().item() - M) < 0.01
     assert abs(x.std().item() - S) < 0.01
+
+
+def test_ddim_step_matches_ddpo_reference(reference):
+    """ddim_step_with_logprob and project_x0_ddim reproduce DDPO's outputs on every ddim case."""
+    for case in reference["ddim"]:
+        prev, logp, mean, std = progrpo.ddim_step_with_logprob(
+            case["model_output"], case["sample"], case["alpha_prod_t"], case["alpha_prod_t_prev"], case["eta"],
+            prev_sample=case["prev_sample"])
+        x0 = progrpo.project_x0_ddim(case["sample"], case["model_output"], case["alpha_prod_t"])
+        assert rel_close(logp, case["log_prob"]) and rel_close(std, case["std_dev_t"]), case["step_index"]
+        assert rel_close(x0, case["pred_original_sample"]), case["step_index"]
+
+
+def test_ddim_schedule_matches_reference(reference):
+    """SD-v1.4's DDIM schedule at T=50: timesteps 981..1 and the alphas (prev_t clamped at 0) of each case."""
+    sched = progrpo.sampler_schedule(progrpo.build_tiny_pipeline("ddim"), 50, "cpu")
+    assert torch.equal(sched["timesteps"], reference["ddim_timesteps"])
+    for case in reference["ddim"]:
+        i = case["step_index"]
+        assert rel_close(sched["alpha_prod_t"][i], case["alpha_prod_t"][0]) and rel_close(sched["alpha_prod_t_prev"][i], case["alpha_prod_t_prev"][0])
+
+
+def test_ddim_eta_zero_is_diffusers_deterministic_ddim():
+    """eta = 0 gives no log-prob and, over all 50 steps, the same samples as diffusers' DDIMScheduler.step."""
+    pipe = progrpo.build_tiny_pipeline("ddim")
+    sched = progrpo.sampler_schedule(pipe, 50, "cpu")
+    g = torch.Generator().manual_seed(0)
+    x = ours = torch.randn(2, 4, 3, 3, generator=g)
+    for i, t in enumerate(sched["timesteps"]):
+        eps = torch.randn(2, 4, 3, 3, generator=g)
+        ours, logp, _, _ = progrpo.sampler_step(sched, torch.full((2,), i), eps, ours, 0.0)
+        x = pipe.scheduler.step(eps, t, x, eta=0.0).prev_sample
+        assert logp is None and torch.allclose(ours, x, rtol=1e-5, atol=1e-5), i
+
+
+def test_ddim_projection_inverts_forward_noising():
+    """x_t = sqrt(a) x0 + sqrt(1 - a) eps, projected with the true eps, gives back x0."""
+    x0, eps, a = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5), torch.tensor([0.99, 0.5, 0.05])
+    x_t = a.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1) * eps
+    assert torch.allclose(progrpo.project_x0_ddim(x_t, eps, a), x0, atol=1e-5)
+
+
+def test_ddim_sampler_recovers_gaussian_data():
+    """Driven by the exact eps for Gaussian data, DDIM (eta 1, 500 steps) ends at the law of x at t = 0."""
+    pipe = progrpo.build_tiny_pipeline("ddim")
+    sched = progrpo.sampler_schedule(pipe, 500, "cpu")
+    g, n = torch.Generator().manual_seed(0), 40_000
+    x = torch.randn(n, 1, 1, 1, generator=g)
+    for i in range(500):
+        a = sched["alpha_prod_t"][i]
+        eps = (1 - a).sqrt() / (a * S**2 + 1 - a) * (x - a.sqrt() * M)  # E[eps | x_t]
+        x = progrpo.sampler_step(sched, torch.full((n,), i), eps, x, 1.0, noise=torch.randn(x.shape, generator=g))[0]
+    a0 = pipe.scheduler.alphas_cumprod[0]  # the last step ends at t = 0, not at clean data (DDPO)
+    assert abs(x.mean().item() - a0.sqrt().item() * M) < 0.01
+    assert abs(x.std().item() - (a0 * S**2 + 1 - a0).sqrt().item()) < 0.01  # 50 steps would end ~10% low
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -211,20 +264,22 @@ def test_pickscore_loads_from_folder_and_scores(tmp_path):
     vision = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, image_size=224, patch_size=32)
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(tmp_path)
-    config = json.loads((ROOT.parent / "shared" / "reference" / "configs" / "pickscore_processor.json").read_text()) \
-        if (ROOT.parent / "shared" / "reference" / "configs").is_dir() else {}
+    config = dict(crop_size=224, do_center_crop=True, do_normalize=True, do_resize=True, resample=3, size=224,
+                  image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])  # PickScore's
     CLIPProcessor(image_processor=CLIPImageProcessor(**config), tokenizer=tok).save_pretrained(tmp_path)
-    scorer = progrpo.PickScore("cpu", model=str(tmp_path), processor=str(tmp_path))
     images = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(1))
     prompts = ["a red car", "a cat", "two dogs"]
-    scores = scorer(images, prompts)
+    pickscore = progrpo.PickScore("cpu", model=str(tmp_path), processor=str(tmp_path))
+    clipscore = progrpo.CLIPScore("cpu", model=str(tmp_path), processor=str(tmp_path))
+    scores, cos = pickscore(images, prompts), clipscore(images, prompts)
     assert scores.shape == (3,) and torch.isfinite(scores).all()
     # the same score from CLIPModel's own forward on our preprocessed pixels and the processor's tokens
     pixels = torch.nn.functional.interpolate(images, size=(224, 269), mode="bicubic", antialias=True).clamp(0, 1)[..., 22:246]
-    pixels = (pixels - scorer.mean) / scorer.std
-    tokens = scorer.processor.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
-    logits = scorer.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels).logits_per_image
+    mean, std = torch.tensor(config["image_mean"]).view(1, 3, 1, 1), torch.tensor(config["image_std"]).view(1, 3, 1, 1)
+    tokens = pickscore.processor.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+    logits = pickscore.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=(pixels - mean) / std).logits_per_image
     assert torch.allclose(scores, logits.diag(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(cos * pickscore.model.logit_scale.exp(), scores, rtol=1e-5)  # CLIP score: the plain cosine
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -241,7 +296,7 @@ def tiny_args(**overrides):
 @pytest.fixture(scope="module")
 def tiny():
     pipe = progrpo.load_pipeline("tiny", torch.float32)
-    params = progrpo.add_lora(pipe.transformer, 4, 8)
+    params = progrpo.trainable_parameters(pipe, tiny_args())
     prompts = ["a red cat", "a blue dog"]
     return pipe, params, prompts, progrpo.encode_prompts(pipe, prompts, 16)
 
@@ -252,7 +307,7 @@ def test_tiny_pipeline_round_trips_through_from_pretrained(tmp_path):
     pipe.save_pretrained(tmp_path)
     loaded = progrpo.load_pipeline(str(tmp_path), torch.float32)
     args = tiny_args()
-    out = [progrpo.sample_ode(p, progrpo.encode_prompts(p, ["a red cat"], 16), args, 4, seed=0) for p in (pipe, loaded)]
+    out = [progrpo.sample_deterministic(p, progrpo.encode_prompts(p, ["a red cat"], 16), args, 4, seed=0) for p in (pipe, loaded)]
     assert torch.equal(out[0], out[1]) and out[0].std() > 0.05  # and the decoder really carries colour
 
 
@@ -260,7 +315,7 @@ def test_nfe_counts_every_transformer_call(tiny):
     """perf NFE equals the schedule's formula and the transformer really sees exactly that many trajectory-steps."""
     pipe, _, prompts, text = tiny
     seen = []
-    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["hidden_states"].shape[0] // 2), with_kwargs=True)
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0].shape[0] // 2), with_kwargs=True)
     try:
         args = tiny_args()
         schedule = progrpo.parse_prune_schedule(args.prune, args.num_steps, args.group_size)
@@ -322,14 +377,56 @@ def test_update_math_is_the_same_without_kernels(monkeypatch):
     v, v_ref, x, x_next = (torch.randn(3, 4, 5, 7, generator=g) for _ in range(4))
     sigma, sigma_next = torch.tensor([1.0, 0.6, 0.2]), torch.tensor([0.9, 0.5, 0.0])
     results = []
+    sched = dict(sigma=sigma, sigma_next=sigma_next)
     for module in (progrpo.kernels, None):
         monkeypatch.setattr(progrpo, "kernels", module)
         v_ = v.clone().requires_grad_(True)
-        logp, kl = progrpo.step_logprob(v_, x, x_next, sigma, sigma_next, 0.7, v_ref)
+        logp, kl = progrpo.step_logprob(sched, torch.arange(3), v_, x, x_next, 0.7, v_ref)
         (logp.sum() + kl.sum()).backward()
         results.append((logp.detach(), kl.detach(), v_.grad))
     for ours, theirs in zip(*results):
         assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("full_finetune", [False, True])
+def test_sd1_prunes_and_trains(tmp_path, full_finetune):
+    """Tiny SD1.x: NFE equals the formula with two checkpoints, ratio 1 on the first step, weights change."""
+    pipe = progrpo.load_pipeline("tiny-sd1", torch.float32)
+    args = tiny_args(pretrained_model_name_or_path="tiny-sd1", num_steps=8, group_size=8, prune="4:6,6:3", noise_level=1.0,
+                     guidance_scale=5.0, learning_rate=1e-2, full_finetune=full_finetune, beta=0.0 if full_finetune else 0.01)
+    schedule = progrpo.parse_prune_schedule(args.prune, args.num_steps, args.group_size)
+    params = progrpo.trainable_parameters(pipe, args)
+    before = [p.detach().clone() for p in params]
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0].shape[0] // 2), with_kwargs=True)
+    prompts = ["a red cat", "a blue dog"]
+    text = progrpo.encode_prompts(pipe, prompts, 16)
+    samples, stats, _ = progrpo.rollout(pipe, text, prompts, progrpo.colour_reward, args, 0, schedule)
+    hook.remove()
+    assert stats["nfe"] == sum(seen) == 2 * (5 * 8 + 2 * 6 + 1 * 3)
+    adv = progrpo.group_advantages(samples["rewards"], samples["prompt_idx"])
+    info = progrpo.train_epoch(pipe, params, torch.optim.AdamW(params, lr=args.learning_rate), samples, adv, text, args, 0)
+    assert (info["ratio"][:int(8 * 0.99)] - 1).abs().max() < 1e-5  # the steps before the first optimiser step
+    changed = sum(not torch.equal(b, p) for b, p in zip(before, params))
+    assert changed == len(params) if not full_finetune else changed > 0.9 * len(params)
+    progrpo.save_weights(pipe, tmp_path, full_finetune)
+    if full_finetune:
+        from diffusers import UNet2DConditionModel
+
+        reloaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+        assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), pipe.unet.state_dict().values()))
+    else:
+        fresh = progrpo.load_pipeline("tiny-sd1", torch.float32)
+        fresh.load_lora_weights(str(tmp_path))
+        x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+        assert torch.allclose(fresh.unet(x, t, text["embeds"][:1]).sample, pipe.unet(x, t, text["embeds"][:1]).sample, atol=1e-5)
+
+
+def test_missing_optional_package_is_named(monkeypatch):
+    """The HPSv2 reward without open_clip installed says which package to install, in one line."""
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    with pytest.raises(progrpo.RunError, match="pip install open_clip_torch"):
+        progrpo.HPSv2("cpu")
 
 
 def test_nan_reward_stops_the_run_naming_the_prompt(tiny):
@@ -369,15 +466,18 @@ def test_demo_trains_end_to_end(tmp_path):
     first, last = means[:10].mean().item(), means[-10:].mean().item()
     noise = means[:10].std().item() / math.sqrt(10)  # epoch-to-epoch noise of a 10-epoch average
     assert last - first > max(0.08, 6 * noise), (first, last, noise)
-    # the saved LoRA loads into a fresh tiny pipeline through diffusers and reproduces the trained model
-    trained = progrpo.load_pipeline("tiny", torch.float32)
-    trained.load_lora_weights(str(tmp_path))
-    base = progrpo.load_pipeline("tiny", torch.float32)
-    text = progrpo.encode_prompts(base, ["a red chair"], 16)
-    images_base = progrpo.sample_ode(base, text, args, 10, seed=0)
-    images_trained = progrpo.sample_ode(trained, text, args, 10, seed=0)
-    assert (images_trained - images_base).abs().max() > 1e-3  # the weights changed
-    assert progrpo.colour_reward(images_trained, ["a red chair"]) > progrpo.colour_reward(images_base, ["a red chair"])
+    # the saved LoRA loads into a fresh tiny pipeline through diffusers and reproduces the trained model:
+    # its evaluation reward equals the one the run logged after its last update
+    eval_prompts = progrpo.read_prompts("demo", held_out=True)[:args.num_eval_prompts]
+    scores = []
+    for lora in (str(tmp_path), None):
+        pipe = progrpo.load_pipeline("tiny", torch.float32)
+        if lora:
+            pipe.load_lora_weights(lora)
+        images = progrpo.sample_deterministic(pipe, progrpo.encode_prompts(pipe, eval_prompts, 16), args, args.eval_steps, args.seed)
+        scores.append(progrpo.colour_reward(images, eval_prompts).mean().item())
+    assert abs(scores[0] - history[-1]["eval/reward_mean"]) < 1e-5
+    assert scores[0] > scores[1] + 0.05  # and it is better than the base model
 
 
 def run_cli(*flags, cwd=ROOT):
