@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Pro-GRPO presets. Usage: bash run.sh [demo|test|bench|sd35|sd35-flash|sd35-baseline] [extra progrpo.py flags]
+# Pro-GRPO presets. Usage: bash run.sh [demo|test|bench|sd35|sd35-flash|sd35-baseline|sd14|sd14-baseline|sd14-multi] [extra flags]
 #   (none) / demo   CPU demo: tiny random-weight SD3, weight-free colour reward, a few minutes on 2 cores
 #   test            the test suite (CPU, offline)
 #   bench           kernels/bench.py: Triton vs torch timings
 #   sd35*           the paper's flow settings on a GPU (SD3.5-Medium, PickScore); needs `hf auth login`
+#   sd14*           the paper's diffusion settings on a GPU (SD-v1.4, DDIM eta 1, HPSv2.1)
 set -euo pipefail
 cd "$(dirname "$0")"
 preset="${1:-demo}"
@@ -39,10 +40,26 @@ fetch_pickscore_prompts() {  # Flow-GRPO ships the Pick-a-Pic v1 captions it tra
     done
 }
 
+fetch_hpsv2_prompts() {  # the HPSv2 benchmark prompts (4 styles x 800); every 8th is held out for evaluation
+    "$PY" -c "import open_clip, hpsv2" 2>/dev/null || "$PY" -m pip install -q open_clip_torch hpsv2
+    [ -s dataset/hpsv2/train.txt ] && return
+    mkdir -p dataset/hpsv2
+    "$PY" -c "
+import hpsv2
+prompts = [p.strip() for style in hpsv2.benchmark_prompts('all').values() for p in style]
+open('dataset/hpsv2/train.txt', 'w').write('\n'.join(prompts) + '\n')
+open('dataset/hpsv2/test.txt', 'w').write('\n'.join(prompts[::8]) + '\n')"
+}
+
 SD35=(--pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium --reward pickscore
       --prompts dataset/pickscore/train.txt --eval_prompts dataset/pickscore/test.txt --mixed_precision fp16
       --resolution 512 --num_steps 10 --eval_steps 40 --noise_level 0.7 --guidance_scale 4.5 --prompts_per_epoch 48
       --learning_rate 3e-4 --clip_range 1e-4 --beta 0.01 --rank 32 --lora_alpha 64)
+
+SD14=(--pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 --reward hpsv2
+      --prompts dataset/hpsv2/train.txt --eval_prompts dataset/hpsv2/test.txt --mixed_precision bf16
+      --resolution 512 --num_steps 50 --eval_steps 50 --noise_level 1.0 --guidance_scale 5.0 --prompts_per_epoch 4
+      --full_finetune --learning_rate 1e-5 --clip_range 1e-4 --beta 0 --sample_batch_size 16 --train_batch_size 4)
 
 case "$preset" in
     demo)
@@ -71,8 +88,21 @@ case "$preset" in
         fetch_pickscore_prompts
         "$PY" progrpo.py "${SD35[@]}" --group_size 24 --prune none --output_dir outputs/sd35-baseline "$@"
         ;;
+    sd14)           # Pro-GRPO on SD-v1.4: 48 -> 32 -> 8 at steps {30, 40} of 50, HPSv2.1
+        fetch_hpsv2_prompts
+        "$PY" progrpo.py "${SD14[@]}" --group_size 48 --prune 30:32,40:8 --output_dir outputs/sd14 "$@"
+        ;;
+    sd14-baseline)  # DanceGRPO-like: G = 16, no pruning
+        fetch_hpsv2_prompts
+        "$PY" progrpo.py "${SD14[@]}" --group_size 16 --prune none --output_dir outputs/sd14-baseline "$@"
+        ;;
+    sd14-multi)     # the paper's multi-objective run: HPSv2.1 + CLIP score
+        fetch_hpsv2_prompts
+        "$PY" progrpo.py "${SD14[@]}" --group_size 48 --prune 30:32,40:8 --reward hpsv2:1.0,clipscore:1.0 \
+            --output_dir outputs/sd14-multi "$@"
+        ;;
     *)
-        echo "error: unknown preset '$preset'; choose demo, test, bench, sd35, sd35-flash or sd35-baseline" >&2
+        echo "error: unknown preset '$preset'; choose demo, test, bench, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline or sd14-multi" >&2
         exit 2
         ;;
 esac
