@@ -1,9 +1,10 @@
-"""Pro-GRPO: expand-and-prune GRPO for text-to-image flow models, in one file.
+"""Pro-GRPO: expand-and-prune GRPO for text-to-image flow and diffusion models, in one file.
 
 Paper: Ge, Huang, Ai, Fan, Huang, He, "Expand and Prune: Maximizing Trajectory Diversity for Effective
 GRPO in Generative Models", CVPR 2026, arXiv 2512.15347. No official code has been published; this is a
-reference implementation. Where the paper is silent we follow Flow-GRPO (github yifan123/flow_grpo), the
-baseline it compares against, and say so.
+reference implementation. Where the paper is silent we follow the baselines it compares against:
+Flow-GRPO (github yifan123/flow_grpo) for flow models (SD3.5-Medium) and DanceGRPO / DDPO for diffusion
+models (SD-v1.4), and say so. The model family is read from the loaded pipeline.
 
 Why. GRPO scores a group of G images per prompt and uses A_i = (R_i - mean) / std as the advantage.
 Most rewards cluster near the group mean, so most trajectories get |A| ~ 0 and teach nothing, yet each
@@ -12,42 +13,54 @@ part-way through denoising, and keeps only the subset with the largest reward va
 
 The algorithm, one epoch:
   1. Draw B prompts. For each, start G_max trajectories from independent noise (the expanded group).
-  2. Denoise with Flow-GRPO's SDE sampler, keeping every latent x_t and the log-prob of every step.
+  2. Denoise with a stochastic sampler (Flow-GRPO's SDE for flow models, DDIM with eta = 1 for
+     diffusion models), keeping every latent x_t and the log-prob of every step.
   3. At each checkpoint t_k of the prune schedule (after t_k steps, before step t_k is taken), reuse the
-     velocity v that step t_k needs anyway to project each live trajectory to its final sample in one
-     ODE step, decode it and score it: the proxy reward. No extra transformer call.
+     model output that step t_k needs anyway to project each live trajectory to its final sample in one
+     step, decode it and score it: the proxy reward. No extra model call.
   4. Per prompt, keep the K_k trajectories whose proxy rewards have the largest variance (Optimal
      Variance Filtering, exact) and stop the others at once.
   5. Finish the survivors, decode, score: the true rewards R.
   6. Advantages A = (R - mean_S) / (std_S + 1e-4) over each prompt's K survivors, clipped to |A| <= 5.
   7. PPO-clip GRPO update on the survivors' stored steps, plus a KL penalty to the frozen base model.
 
-Equations (sigma runs from 1 = noise to 0 = data; x_sigma = (1 - sigma) x0 + sigma eps):
+Equations. Flow models (sigma runs from 1 = noise to 0 = data; x_sigma = (1 - sigma) x0 + sigma eps):
   SDE step      x_next = mean + std sqrt(-dt) z,  dt = sigma_next - sigma,  std = a sqrt(sigma / (1 - sigma'))
                 mean   = x + v dt + std^2 / (2 sigma) (x + (1 - sigma) v) dt
-  log-prob      log N(x_next; mean, std^2 (-dt)) averaged over C*H*W
   projection    x0_hat = x_t - sigma_t v_t        (the paper's x_T ~ x_{t_i} + (T - t_i) b_ODE)
+Diffusion models (x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, a_t = alphas_cumprod[t], eps-prediction):
+  DDIM step     x_next = mean + std z,  std = eta sqrt((1 - a_prev) / (1 - a_t) (1 - a_t / a_prev))
+                mean   = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - std^2) eps
+  projection    x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
+Both:
+  log-prob      log N(x_next; mean, step std^2) averaged over C*H*W
   OVF           S* = argmax_{|S| = K} Var({R_i : i in S}); the optimum is the j lowest and K - j highest
   loss          mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))) + beta KL,  r = exp(logp_new - logp_old)
 
 Where this departs from Flow-GRPO:
   1. Groups are expanded and pruned inside the sampling loop (the method); `--prune none` turns it off.
   2. Each trajectory draws its noise from its own generator seeded by (seed, epoch, prompt, member), so a
-     survivor is bit-for-bit the trajectory it would have been without pruning, at any batch size.
+     survivor is the trajectory it would have been without pruning: bit for bit with one trajectory per
+     model call, up to BLAS round-off (~1e-7) when micro-batches mix trajectories.
   3. Advantages are normalised within each prompt's survivors (Flow-GRPO: per-prompt mean and std over
      the same prompt's group as well; `--global_std` gives its batch-wide std variant).
   4. One PickScore preprocessing path on tensors (resize, crop, normalise on the device) instead of a
      round trip through PIL; the scores differ from the PIL path only by resampling round-off.
   5. Prompts per epoch are drawn by one seeded permutation, not by Flow-GRPO's distributed group sampler.
+  6. Diffusion models follow DanceGRPO where Flow-GRPO does not apply: DDPO's DDIM log-prob (the last
+     step ends at alphas_cumprod[0]), the trained steps of each trajectory in a random order, and
+     `--full_finetune` (DanceGRPO's choice) with no KL term, as it has no frozen reference.
 
 Glossary: B prompts per epoch, G group size (G_max expanded), K survivors, T denoising steps, x latents,
-sigma / sigma_next noise levels, dt = sigma_next - sigma, v model output (velocity), mean / std of a step,
+sigma / sigma_next noise levels, dt = sigma_next - sigma, a_t alphas_cumprod, v / eps / `out` model
+output (velocity / noise), sched the sampler's per-step schedule, mean / std of a step,
 logp_old (sampling) / logp_new (update), ratio, adv. Flattened minibatch tensors carry a `b_` prefix.
 
 Run:
   bash run.sh                     # CPU demo: tiny random SD3 model, weight-free colour reward, minutes
   bash run.sh test                # the test suite
   bash run.sh sd35                # the paper's flow setting on GPUs (SD3.5-Medium, PickScore, 48 -> 24 -> 12)
+  bash run.sh sd14                # the paper's diffusion setting (SD-v1.4, HPSv2.1, 48 -> 32 -> 8)
   python progrpo.py --help        # every flag, with its meaning
 """
 

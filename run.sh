@@ -18,8 +18,9 @@ PY=.venv/bin/python
 if ! "$PY" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1; then
         "$PY" -m pip install -q torch
-    else  # plain `pip install torch` would pull a multi-GB CUDA build onto a CPU-only machine
-        "$PY" -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+    else  # plain `pip install torch` would pull a multi-GB CUDA build onto a CPU-only machine: the CPU
+          # index offers 2.13.0+cpu, which pip prefers; where that index is unreachable it fails fast
+        "$PY" -m pip install -q torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu --retries 0 --timeout 10
     fi
 fi
 if ! "$PY" -c "import diffusers, transformers, peft, matplotlib, pytest, tqdm" 2>/dev/null || [ requirements.txt -nt .venv/.installed ]; then
