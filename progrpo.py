@@ -76,6 +76,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,7 +112,8 @@ class Args:
     num_eval_prompts: int = arg(16, "evaluate on the first N held-out prompts")
     num_epochs: int = arg(300, "epochs; each samples B prompts, prunes, and updates")
     eval_every: int = arg(10, "evaluate (ODE sampling, held-out prompts, sample grid) every N epochs; 0 = never")
-    checkpointing_steps: int = arg(50, "save LoRA weights every N epochs (always at the end)")
+    checkpointing_steps: int = arg(50, "write a resumable checkpoint every N epochs (weights are always saved at the end)")
+    resume_from_checkpoint: str = arg("", "resume from 'latest' (newest complete checkpoint in --output_dir) or a checkpoint folder")
     # ALGO LOGIC: sampling
     resolution: int = arg(512, "image side in pixels")
     num_steps: int = arg(10, "T: SDE denoising steps per trajectory during training")
@@ -121,7 +123,8 @@ class Args:
     max_sequence_length: int = arg(128, "T5 prompt tokens")
     prompts_per_epoch: int = arg(48, "B: prompts per epoch (Flow-GRPO: 48)")
     sample_batch_size: int = arg(16, "trajectories per transformer call while sampling (a CFG pair counts once)")
-    decode_batch_size: int = arg(16, "images per VAE decode and reward call")
+    decode_batch_size: int = arg(16, "latents per VAE decode")
+    reward_batch_size: int = arg(16, "images per reward-model call")
     # ALGO LOGIC: expand and prune
     group_size: int = arg(48, "G_max: trajectories started per prompt")
     prune: str = arg("5:24,7:12", "checkpoints 'step:survivors,...' (prune after `step` steps), or 'none' for plain GRPO")
@@ -141,6 +144,8 @@ class Args:
     beta: float = arg(0.01, "KL penalty weight against the base model (adapter disabled)")
     global_std: bool = arg(False, "Flow-GRPO variant: per-prompt mean but std over the whole batch")
     full_finetune: bool = arg(False, "train every weight of the denoiser instead of LoRA (DanceGRPO for SD-v1.4; needs --beta 0)")
+    ema: bool = arg(False, "keep an EMA of the trainable weights for evaluation and the saved weights (Flow-GRPO: decay 0.9, every 8 steps)")
+    gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass of the update (less memory, ~30% slower)")
     rank: int = arg(32, "LoRA rank")
     lora_alpha: int = arg(64, "LoRA alpha (scale = alpha / rank)")
 
@@ -770,12 +775,13 @@ def predict(model, x, t, text, prompt_idx, guidance_scale, batch_size):
     return torch.cat(out)
 
 
-def score(pipe, x, prompts, reward_fn, batch_size, stats):
-    """Decode latents and score them, in micro-batches; a NaN or infinite reward stops the run."""
+def score(pipe, x, prompts, reward_fn, args, stats):
+    """Decode latents and score them, in micro-batches of their own sizes; a NaN or inf reward stops the run."""
     rewards = []
-    for s in range(0, len(x), batch_size):
-        images = decode(pipe, x[s:s + batch_size])
-        rewards.append(reward_fn(images, prompts[s:s + batch_size]).float())
+    for s in range(0, len(x), args.reward_batch_size):
+        chunk = x[s:s + args.reward_batch_size]
+        images = torch.cat([decode(pipe, b) for b in chunk.split(args.decode_batch_size)])  # (n, 3, H, W) in [0, 1]
+        rewards.append(reward_fn(images, prompts[s:s + len(chunk)]).float())
     rewards = torch.cat(rewards)
     stats["decodes"] += len(x)
     stats["reward_calls"] += len(x)
@@ -797,8 +803,11 @@ def group_std(rewards):
 
 
 @torch.no_grad()
-def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, progress=False):
+def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids=None, progress=False):
     """Sample G_max trajectories for each of the B prompts, pruning at the schedule's checkpoints.
+
+    prompt_ids: the prompts' positions in the epoch's whole batch (default 0..B-1); with the epoch they
+    seed every trajectory's noise, so a rank sampling a share of the batch samples what one process would.
 
     Returns the survivors (all tensors row-aligned, sorted by trajectory id = prompt * G_max + member):
       latents (N, T + 1, C, h, w) fp32, log_probs (N, T), rewards (N,), prompt_idx (N,), member (N,),
@@ -810,12 +819,14 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, progress=Fals
     sched = sampler_schedule(pipe, T, device)
     side = args.resolution // pipe.vae_scale_factor
     shape = (model.config.in_channels, side, side)
+    prompt_ids = list(range(B)) if prompt_ids is None else prompt_ids
     live = torch.arange(B * G)  # ids of the live trajectories, increasing, so each prompt's rows stay contiguous
-    generators = [torch.Generator(device).manual_seed(trajectory_seed(args.seed, epoch, int(i) // G, int(i) % G)) for i in live]
+    generators = [torch.Generator(device).manual_seed(trajectory_seed(args.seed, epoch, prompt_ids[int(i) // G], int(i) % G))
+                  for i in live]
     x = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])  # (B G, C, h, w), pure noise
     latents, log_probs = [x], []  # one (n_live, ...) entry per step; rows follow `live`
-    keep_at, stats = dict(schedule), dict(nfe=0, decodes=0, reward_calls=0, group_std=[])
-    audit = [dict(prompt=p, checkpoints=[]) for p in prompts]
+    keep_at, stats = dict(schedule), dict(nfe=0, decodes=0, reward_calls=0)
+    audit = [dict(index=i, prompt=p, checkpoints=[]) for i, p in zip(prompt_ids, prompts)]
     for i in tqdm(range(T), desc=f"epoch {epoch} sampling", leave=False, disable=not progress):
         steps = torch.full((len(live),), i, device=device)  # (n_live,) the step index of every live trajectory
         out = predict(model, x, sched["timesteps"][steps], text, live // G, args.guidance_scale, args.sample_batch_size)
@@ -823,9 +834,8 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, progress=Fals
         if i in keep_at:
             # Pro-GRPO: project to x0 with the output step i needs anyway, decode, score, keep OVF subsets
             proxy = score(pipe, project_x0(sched, steps, x, out), [prompts[p] for p in live // G], reward_fn,
-                          args.decode_batch_size, stats).view(B, -1)  # (B, n_live / B)
+                          args, stats).view(B, -1)  # (B, n_live / B)
             keep = ovf_rows(proxy, keep_at[i])
-            stats["group_std"].append((group_std(proxy), group_std(proxy.view(-1)[keep].view(B, -1))))
             members, kept = (live.view(B, -1) % G).tolist(), (live[keep].view(B, -1) % G).tolist()
             for p in range(B):
                 audit[p]["checkpoints"].append(dict(step=i, members=members[p], proxy=proxy[p].tolist(), kept=kept[p]))
@@ -836,7 +846,7 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, progress=Fals
         x, logp, _, _ = sampler_step(sched, steps, out, x, args.noise_level, noise=noise)
         latents.append(x)
         log_probs.append(logp)
-    rewards = score(pipe, x, [prompts[p] for p in live // G], reward_fn, args.decode_batch_size, stats)
+    rewards = score(pipe, x, [prompts[p] for p in live // G], reward_fn, args, stats)
     if args.ovf_after_sampling:  # the paper's static OVF: prune once, on true final rewards
         keep = ovf_rows(rewards.view(B, -1), args.ovf_after_sampling)
         live, rewards = live[keep], rewards[keep]
@@ -868,12 +878,13 @@ def sample_deterministic(pipe, text, args, num_steps, seed):
 # ALGO LOGIC: the GRPO update on the survivors
 # ----------------------------------------------------------------------------------------------------
 
-def train_epoch(pipe, params, optimizer, samples, adv, text, args, epoch, progress=False):
+def train_epoch(pipe, params, optimizer, samples, adv, text, args, epoch, ema=None, progress=False):
     """PPO-clip GRPO over the survivors' stored steps: recompute log-probs, clip, KL, AdamW.
 
     Each trajectory trains on its first int(T * timestep_fraction) steps: in order for flow models
     (Flow-GRPO), in a random order per trajectory for diffusion models (DanceGRPO). Micro-batches of
-    trajectories; the epoch's micro-batches are split into `updates_per_epoch` optimiser steps.
+    trajectories; the epoch's micro-batches are split into `updates_per_epoch` optimiser steps. Under
+    torchrun the gradients are averaged over ranks before clipping (DDP over the trainable weights).
     Returns per-(micro-batch, step) statistics.
     """
     model = denoiser(pipe)
@@ -889,7 +900,8 @@ def train_epoch(pipe, params, optimizer, samples, adv, text, args, epoch, progre
     minibatches = order.split(args.train_batch_size)
     info = {k: [] for k in ("loss", "ratio", "approx_kl", "clipfrac", "kl", "grad_norm")}
     bar = tqdm(total=len(minibatches) * n_train, desc=f"epoch {epoch} update", leave=False, disable=not progress)
-    for update in torch.arange(len(minibatches)).tensor_split(min(args.updates_per_epoch, len(minibatches))):
+    n_updates = min(args.updates_per_epoch, len(minibatches))
+    for u, update in enumerate(torch.arange(len(minibatches)).tensor_split(n_updates)):
         for mb in update.tolist():
             b_idx = minibatches[mb]
             b_x, b_logp_old, b_adv = samples["latents"][b_idx], samples["log_probs"][b_idx], adv[b_idx]  # (b, T+1, C, h, w), (b, T), (b,)
@@ -917,11 +929,135 @@ def train_epoch(pipe, params, optimizer, samples, adv, text, args, epoch, progre
                 info["clipfrac"].append(((ratio.detach() - 1).abs() > args.clip_range).float().mean())
                 info["kl"].append(kl.detach().mean() if kl is not None else torch.zeros((), device=device))
                 bar.update()
+        average_gradients(params)
         info["grad_norm"].append(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema_update(ema, params, step=epoch * n_updates + u)
     bar.close()
     return {k: torch.stack(v).float().cpu() for k, v in info.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: ranks, EMA, checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+def setup_distributed():
+    """(rank, world size, device). Under torchrun: one process per GPU (NCCL), or per CPU process (gloo)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def log0(rank, message):
+    if rank == 0:
+        print(message)
+
+
+def gather(obj):
+    """Every rank's `obj`, in rank order (a list of one without torchrun)."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, obj)
+    return parts
+
+
+def average_gradients(params):
+    """DDP's job, spelled out: one all-reduce of all gradients, flattened, then divided by the world size."""
+    if not torch.distributed.is_initialized():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+
+
+def ema_update(ema, params, step, decay=0.9, every=8):
+    """Flow-GRPO's EMA: every 8 optimiser steps, ema += (1 - d) (p - ema), d = min(0.9, (1 + n) / (10 + n))."""
+    if (step + 1) % every == 0:
+        d = min(decay, (1 + step) / (10 + step))
+        for e, p in zip(ema, params):
+            e.lerp_(p.detach(), 1 - d)
+
+
+@contextmanager
+def ema_weights(params, ema):
+    """Temporarily load the EMA weights (for evaluation and saving); a no-op without --ema."""
+    if ema is None:
+        yield
+        return
+    current = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, c in zip(params, current):
+                p.copy_(c)
+
+
+def save_checkpoint(directory, epoch, history, pipe, params, optimizer, ema, args):
+    """A resumable checkpoint: the weights users load (EMA if on) and training_state.pt with everything else.
+
+    training_state.pt is written to a temporary file and renamed, so it exists only when complete: a run
+    killed while writing it resumes from the previous checkpoint.
+    """
+    directory = Path(directory)
+    with ema_weights(params, ema):
+        save_weights(pipe, directory, args.full_finetune)
+    names = [n for n, p in denoiser(pipe).named_parameters() if p.requires_grad]
+    state = dict(epoch=epoch, history=history, names=names, shapes=[tuple(p.shape) for p in params],
+                 params=[p.detach().cpu() for p in params], optimizer=optimizer.state_dict(),
+                 ema=None if ema is None else [e.cpu() for e in ema], torch_rng=torch.get_rng_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    tmp = directory / "training_state.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, directory / "training_state.pt")
+
+
+def find_checkpoint(output_dir, spec):
+    """'latest' -> the newest checkpoint-N in output_dir whose training_state.pt is complete; else a folder."""
+    if spec != "latest":
+        if not (Path(spec) / "training_state.pt").is_file():
+            raise RunError(f"no training_state.pt in checkpoint folder '{spec}'")
+        return Path(spec)
+    done = [d for d in Path(output_dir).glob("checkpoint-*") if (d / "training_state.pt").is_file()]
+    if not done:
+        raise RunError(f"--resume_from_checkpoint latest: no complete checkpoint in '{output_dir}'")
+    return max(done, key=lambda d: int(d.name.split("-")[1]))
+
+
+def load_checkpoint(directory, pipe, params, optimizer, ema):
+    """Restores weights, optimiser, EMA and RNG in place; returns (first epoch to run, metrics history)."""
+    path = Path(directory) / "training_state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: refuse it, naming it
+        raise RunError(f"checkpoint '{path}' is unreadable ({type(e).__name__}); delete it to resume from an earlier one") from None
+    names = [n for n, p in denoiser(pipe).named_parameters() if p.requires_grad]
+    if state["names"] != names or state["shapes"] != [tuple(p.shape) for p in params] or (state["ema"] is None) != (ema is None):
+        raise RunError(f"checkpoint '{path}' does not match this run's trainable weights (model, --rank, --full_finetune, --ema)")
+    with torch.no_grad():
+        for p, saved in zip(params, state["params"]):
+            p.copy_(saved)
+        for e, saved in zip(ema or [], state["ema"] or []):
+            e.copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["epoch"], state["history"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -961,89 +1097,125 @@ def validate(args):
         raise RunError(f"--noise_level must be positive: training needs a stochastic sampler (got {args.noise_level})")
     if args.resolution % 16:
         raise RunError(f"--resolution must be a multiple of 16 (got {args.resolution})")
-    if min(args.prompts_per_epoch, args.sample_batch_size, args.decode_batch_size, args.train_batch_size, args.updates_per_epoch) < 1:
+    if min(args.prompts_per_epoch, args.sample_batch_size, args.decode_batch_size, args.reward_batch_size,
+           args.train_batch_size, args.updates_per_epoch) < 1:
         raise RunError("batch sizes, --prompts_per_epoch and --updates_per_epoch must be at least 1")
     if not 0 < args.timestep_fraction <= 1 or int(args.num_steps * args.timestep_fraction) < 1:
         raise RunError(f"--timestep_fraction must leave at least one trained step (got {args.timestep_fraction})")
     return schedule
 
 
+def epoch_metrics(epoch, rewards, stats, audit, info, args, schedule):
+    """One metrics.jsonl line from the survivors' rewards (B, K), the counters, the audit and the update."""
+    B = rewards.shape[0]
+    before, after = [], []  # mean within-prompt std of the proxy rewards at each checkpoint, all live / kept
+    for k in range(len(schedule)):
+        checkpoints = [a["checkpoints"][k] for a in audit]
+        before.append(group_std(torch.tensor([c["proxy"] for c in checkpoints])))
+        after.append(group_std(torch.tensor([[c["proxy"][c["members"].index(m)] for m in c["kept"]] for c in checkpoints])))
+    return {
+        "epoch": epoch,
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std(correction=0).item(),
+        "reward/group_std": group_std(rewards),
+        "reward/zero_std_groups": int((rewards.max(1).values == rewards.min(1).values).sum()),
+        "prune/started": args.group_size,
+        "prune/kept": rewards.shape[1],
+        "prune/nfe_saved": 1 - stats["nfe"] / (B * args.group_size * args.num_steps),
+        **{f"prune/group_std_before_{s}": b for (s, _), b in zip(schedule, before)},
+        **{f"prune/group_std_after_{s}": a for (s, _), a in zip(schedule, after)},
+        "perf/nfe_sample": stats["nfe"],
+        "perf/decodes": stats["decodes"],
+        "perf/reward_calls": stats["reward_calls"],
+        "policy/loss": info["loss"].mean().item(),
+        "policy/approx_kl": info["approx_kl"].mean().item(),
+        "policy/clipfrac": info["clipfrac"].mean().item(),
+        "policy/ratio_mean": info["ratio"].mean().item(),
+        "policy/kl": info["kl"].mean().item(),
+        "policy/grad_norm": info["grad_norm"].mean().item(),
+    }
+
+
 def main(args):
     schedule = validate(args)
+    rank, world, device = setup_distributed()
+    if args.prompts_per_epoch % world:
+        raise RunError(f"--prompts_per_epoch {args.prompts_per_epoch} must be a multiple of the {world} ranks (whole groups per rank)")
     train_prompts, eval_prompts = read_prompts(args.prompts), read_prompts(args.eval_prompts, held_out=True)[:args.num_eval_prompts]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision] if device.type == "cuda" else torch.float32
     reward_fn = build_reward(args.reward, device)
     pipe = load_pipeline(args.pretrained_model_name_or_path, dtype).to(device)
     if pipe.vae.dtype != torch.float32:
         pipe.vae.to(torch.float32)  # decode in fp32 (Flow-GRPO): an fp16 SD3 VAE overflows
+    torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank
     params = trainable_parameters(pipe, args)
+    if args.gradient_checkpointing:
+        denoiser(pipe).enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay)
+    ema = [p.detach().clone() for p in params] if args.ema else None
     out = Path(args.output_dir)
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.jsonl", "prune_audit.jsonl"):
-        (out / name).unlink(missing_ok=True)
+    start_epoch, history = 0, []
+    if args.resume_from_checkpoint:
+        start_epoch, history = load_checkpoint(find_checkpoint(out, args.resume_from_checkpoint), pipe, params, optimizer, ema)
+    if rank == 0:  # only rank 0 writes files; a resumed run keeps the lines of the epochs it keeps
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "prune_audit.jsonl"):
+            kept = [line for line in (out / name).read_text().splitlines() if json.loads(line)["epoch"] < start_epoch] \
+                if (out / name).exists() else []
+            (out / name).write_text("".join(line + "\n" for line in kept))
     alive = live_counts(args.num_steps, args.group_size, schedule)
     survivors = args.ovf_after_sampling or alive[-1]
-    print(f"device {device} ({dtype}), {sum(p.numel() for p in params):,} LoRA parameters, {len(train_prompts)} prompts")
-    print(f"per prompt: {args.group_size} started -> {survivors} trained; live per step {alive}; "
-          f"NFE {sum(alive)} per group vs {args.group_size * args.num_steps} unpruned ({1 - sum(alive) / (args.group_size * args.num_steps):.0%} saved)")
-    history = []
-    for epoch in range(args.num_epochs):
-        # ALGO LOGIC: 1-5 sample, prune, score
+    log0(rank, f"device {device} ({dtype}) x {world} ranks, {sum(p.numel() for p in params):,} trainable parameters, {len(train_prompts)} prompts")
+    log0(rank, f"per prompt: {args.group_size} started -> {survivors} trained; live per step {alive}; "
+               f"NFE {sum(alive)} per group vs {args.group_size * args.num_steps} unpruned ({1 - sum(alive) / (args.group_size * args.num_steps):.0%} saved)")
+    for epoch in range(start_epoch, args.num_epochs):
+        # ALGO LOGIC: 1-5 sample, prune, score. Each rank owns whole prompt groups: prompts rank, rank + world, ...
         pick = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(trajectory_seed(args.seed, epoch, "prompts", 0)))
-        prompts = [train_prompts[i] for i in pick[:args.prompts_per_epoch].tolist()]
+        prompt_ids = list(range(rank, args.prompts_per_epoch, world))  # positions in the epoch's batch: they seed the noise
+        prompts = [train_prompts[pick[i]] for i in prompt_ids]
         text = encode_prompts(pipe, prompts, args.max_sequence_length)
         t0 = time.time()
-        samples, stats, audit = rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, progress=True)
+        samples, stats, audit = rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids, progress=rank == 0)
         t1 = time.time()
         # ALGO LOGIC: 6-7 advantages over the survivors, then the clipped policy update
         advantages_fn = kernels.group_advantages if kernels is not None else group_advantages  # same numbers
         adv = advantages_fn(samples["rewards"], samples["prompt_idx"], clip=args.adv_clip_max, global_std=args.global_std).to(device)
-        info = train_epoch(pipe, params, optimizer, samples, adv, text, args, epoch, progress=True)
+        info = train_epoch(pipe, params, optimizer, samples, adv, text, args, epoch, ema, progress=rank == 0)
         t2 = time.time()
-        rewards = samples["rewards"].view(len(prompts), -1)
-        metrics = {
-            "epoch": epoch,
-            "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std(correction=0).item(),
-            "reward/group_std": group_std(rewards),
-            "reward/zero_std_groups": int((rewards.std(1, correction=0) == 0).sum()),
-            "prune/started": args.group_size,
-            "prune/kept": rewards.shape[1],
-            "prune/nfe_saved": 1 - stats["nfe"] / (len(prompts) * args.group_size * args.num_steps),
-            **{f"prune/group_std_before_{s}": b for (s, _), (b, a) in zip(schedule, stats["group_std"])},
-            **{f"prune/group_std_after_{s}": a for (s, _), (b, a) in zip(schedule, stats["group_std"])},
-            "perf/nfe_sample": stats["nfe"],
-            "perf/decodes": stats["decodes"],
-            "perf/reward_calls": stats["reward_calls"],
-            "time/sample_s": t1 - t0,
-            "time/train_s": t2 - t1,
-            "policy/loss": info["loss"].mean().item(),
-            "policy/approx_kl": info["approx_kl"].mean().item(),
-            "policy/clipfrac": info["clipfrac"].mean().item(),
-            "policy/ratio_mean": info["ratio"].mean().item(),
-            "policy/kl": info["kl"].mean().item(),
-            "policy/grad_norm": info["grad_norm"].mean().item(),
-        }
-        if args.eval_every and (epoch % args.eval_every == 0 or epoch == args.num_epochs - 1):
-            metrics["eval/reward_mean"] = evaluate(pipe, reward_fn, eval_prompts, args, out / "samples" / f"epoch_{epoch:04d}.png")
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        with open(out / "prune_audit.jsonl", "a") as f:
-            f.writelines(json.dumps(dict(epoch=epoch, **a)) + "\n" for a in audit)
-        history.append(metrics)
-        print(f"epoch {epoch:4d} | reward {metrics['reward/mean']:.4f} (group std {metrics['reward/group_std']:.4f}) | "
-              f"kept {metrics['prune/kept']}/{args.group_size} | nfe {stats['nfe']} | loss {metrics['policy/loss']:+.4f} "
-              f"ratio {metrics['policy/ratio_mean']:.5f} clipfrac {metrics['policy/clipfrac']:.2f} kl {metrics['policy/kl']:.2e}"
-              + (f" | eval {metrics['eval/reward_mean']:.4f}" if "eval/reward_mean" in metrics else "")
-              + f" | {t1 - t0:.1f}s + {t2 - t1:.1f}s")
-        if (epoch + 1) % args.checkpointing_steps == 0:
-            save_weights(pipe, out / f"checkpoint-{epoch + 1}", args.full_finetune)
-    save_weights(pipe, out, args.full_finetune)
-    plot_rewards(history, out / "reward_curve.png")
-    print(f"done: metrics {out / 'metrics.jsonl'}, audit {out / 'prune_audit.jsonl'}, grids {out / 'samples'}, "
-          f"curve {out / 'reward_curve.png'}, LoRA {out / 'pytorch_lora_weights.safetensors'}")
+        # TRY NOT TO MODIFY: gather every rank's groups, log, evaluate and save on rank 0
+        checksum = torch.stack([p.detach().double().sum() for p in params]).cpu()  # per tensor: equal on every rank
+        parts = gather((samples["rewards"].view(len(prompts), -1), stats, audit, info, checksum))
+        rewards = torch.cat([p[0] for p in parts])  # (B, K), rank-major order
+        stats = {k: sum(p[1][k] for p in parts) for k in stats}  # NFE, decodes, reward calls
+        audit = sorted((a for p in parts for a in p[2]), key=lambda a: a["index"])
+        info = {k: torch.cat([p[3][k] for p in parts]) for k in info}
+        if rank == 0:
+            metrics = {**epoch_metrics(epoch, rewards, stats, audit, info, args, schedule), "time/sample_s": t1 - t0, "time/train_s": t2 - t1}
+            if world > 1:  # 0 when every rank holds the same weights after the epoch's optimiser steps
+                metrics["dist/weight_spread"] = max((p[4] - parts[0][4]).abs().max().item() for p in parts)
+            if args.eval_every and (epoch % args.eval_every == 0 or epoch == args.num_epochs - 1):
+                with ema_weights(params, ema):
+                    metrics["eval/reward_mean"] = evaluate(pipe, reward_fn, eval_prompts, args, out / "samples" / f"epoch_{epoch:04d}.png")
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            with open(out / "prune_audit.jsonl", "a") as f:
+                f.writelines(json.dumps(dict(epoch=epoch, **a)) + "\n" for a in audit)
+            history.append(metrics)
+            print(f"epoch {epoch:4d} | reward {metrics['reward/mean']:.4f} (group std {metrics['reward/group_std']:.4f}) | "
+                  f"kept {metrics['prune/kept']}/{args.group_size} | nfe {stats['nfe']} | loss {metrics['policy/loss']:+.4f} "
+                  f"ratio {metrics['policy/ratio_mean']:.5f} clipfrac {metrics['policy/clipfrac']:.2f} kl {metrics['policy/kl']:.2e}"
+                  + (f" | eval {metrics['eval/reward_mean']:.4f}" if "eval/reward_mean" in metrics else "")
+                  + f" | {t1 - t0:.1f}s + {t2 - t1:.1f}s")
+            if (epoch + 1) % args.checkpointing_steps == 0:
+                save_checkpoint(out / f"checkpoint-{epoch + 1}", epoch + 1, history, pipe, params, optimizer, ema, args)
+    if rank == 0:
+        with ema_weights(params, ema):
+            save_weights(pipe, out, args.full_finetune)
+        plot_rewards(history, out / "reward_curve.png")
+        print(f"done: metrics {out / 'metrics.jsonl'}, audit {out / 'prune_audit.jsonl'}, grids {out / 'samples'}, "
+              f"curve {out / 'reward_curve.png'}, weights in {out}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return history
 
 

@@ -52,14 +52,26 @@ open('dataset/hpsv2/train.txt', 'w').write('\n'.join(prompts) + '\n')
 open('dataset/hpsv2/test.txt', 'w').write('\n'.join(prompts[::8]) + '\n')"
 }
 
+NPROC="${NPROC:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}"
+[ "$NPROC" -ge 1 ] || NPROC=1
+WORLD=$((NPROC * ${NNODES:-1}))
+launch() {  # torchrun over every visible GPU of every node; NPROC, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT honoured
+    if [ "$WORLD" -eq 1 ]; then
+        "$PY" progrpo.py "$@"
+    else
+        "$PY" -m torch.distributed.run --nproc_per_node "$NPROC" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
+            --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" progrpo.py "$@"
+    fi
+}
+
 SD35=(--pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium --reward pickscore
       --prompts dataset/pickscore/train.txt --eval_prompts dataset/pickscore/test.txt --mixed_precision fp16
       --resolution 512 --num_steps 10 --eval_steps 40 --noise_level 0.7 --guidance_scale 4.5 --prompts_per_epoch 48
-      --learning_rate 3e-4 --clip_range 1e-4 --beta 0.01 --rank 32 --lora_alpha 64)
+      --learning_rate 3e-4 --clip_range 1e-4 --beta 0.01 --rank 32 --lora_alpha 64 --ema)
 
 SD14=(--pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 --reward hpsv2
       --prompts dataset/hpsv2/train.txt --eval_prompts dataset/hpsv2/test.txt --mixed_precision bf16
-      --resolution 512 --num_steps 50 --eval_steps 50 --noise_level 1.0 --guidance_scale 5.0 --prompts_per_epoch 4
+      --resolution 512 --num_steps 50 --eval_steps 50 --noise_level 1.0 --guidance_scale 5.0 --prompts_per_epoch $((4 * WORLD))
       --full_finetune --learning_rate 1e-5 --clip_range 1e-4 --beta 0 --sample_batch_size 16 --train_batch_size 4)
 
 case "$preset" in
@@ -79,27 +91,27 @@ case "$preset" in
         ;;
     sd35)           # Pro-GRPO: 48 -> 24 -> 12 at steps {5, 7}
         fetch_pickscore_prompts
-        "$PY" progrpo.py "${SD35[@]}" --group_size 48 --prune 5:24,7:12 --output_dir outputs/sd35 "$@"
+        launch "${SD35[@]}" --group_size 48 --prune 5:24,7:12 --output_dir outputs/sd35 "$@"
         ;;
     sd35-flash)     # Pro-GRPO-Flash: 24 -> 16 -> 12 (checkpoints not stated in the paper; we use {5, 7})
         fetch_pickscore_prompts
-        "$PY" progrpo.py "${SD35[@]}" --group_size 24 --prune 5:16,7:12 --output_dir outputs/sd35-flash "$@"
+        launch "${SD35[@]}" --group_size 24 --prune 5:16,7:12 --output_dir outputs/sd35-flash "$@"
         ;;
     sd35-baseline)  # Flow-GRPO: G = 24, no pruning
         fetch_pickscore_prompts
-        "$PY" progrpo.py "${SD35[@]}" --group_size 24 --prune none --output_dir outputs/sd35-baseline "$@"
+        launch "${SD35[@]}" --group_size 24 --prune none --output_dir outputs/sd35-baseline "$@"
         ;;
     sd14)           # Pro-GRPO on SD-v1.4: 48 -> 32 -> 8 at steps {30, 40} of 50, HPSv2.1
         fetch_hpsv2_prompts
-        "$PY" progrpo.py "${SD14[@]}" --group_size 48 --prune 30:32,40:8 --output_dir outputs/sd14 "$@"
+        launch "${SD14[@]}" --group_size 48 --prune 30:32,40:8 --output_dir outputs/sd14 "$@"
         ;;
     sd14-baseline)  # DanceGRPO-like: G = 16, no pruning
         fetch_hpsv2_prompts
-        "$PY" progrpo.py "${SD14[@]}" --group_size 16 --prune none --output_dir outputs/sd14-baseline "$@"
+        launch "${SD14[@]}" --group_size 16 --prune none --output_dir outputs/sd14-baseline "$@"
         ;;
     sd14-multi)     # the paper's multi-objective run: HPSv2.1 + CLIP score
         fetch_hpsv2_prompts
-        "$PY" progrpo.py "${SD14[@]}" --group_size 48 --prune 30:32,40:8 --reward hpsv2:1.0,clipscore:1.0 \
+        launch "${SD14[@]}" --group_size 48 --prune 30:32,40:8 --reward hpsv2:1.0,clipscore:1.0 \
             --output_dir outputs/sd14-multi "$@"
         ;;
     *)
