@@ -143,6 +143,7 @@ class Args:
     adv_clip_max: float = arg(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max]")
     beta: float = arg(0.01, "KL penalty weight against the base model (adapter disabled)")
     global_std: bool = arg(False, "Flow-GRPO variant: per-prompt mean but std over the whole batch")
+    audit_fraction: float = arg(0.0, "diagnostics: finish this random share of pruned trajectories (untrained) to measure proxy fidelity")
     full_finetune: bool = arg(False, "train every weight of the denoiser instead of LoRA (DanceGRPO for SD-v1.4; needs --beta 0)")
     ema: bool = arg(False, "keep an EMA of the trainable weights for evaluation and the saved weights (Flow-GRPO: decay 0.9, every 8 steps)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass of the update (less memory, ~30% slower)")
@@ -825,8 +826,9 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids=No
                   for i in live]
     x = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])  # (B G, C, h, w), pure noise
     latents, log_probs = [x], []  # one (n_live, ...) entry per step; rows follow `live`
-    keep_at, stats = dict(schedule), dict(nfe=0, decodes=0, reward_calls=0)
+    keep_at, stats = dict(schedule), dict(nfe=0, decodes=0, reward_calls=0, audit_nfe=0, audit_decodes=0)
     audit = [dict(index=i, prompt=p, checkpoints=[]) for i, p in zip(prompt_ids, prompts)]
+    detours = []  # (step, ids, x, out) of pruned trajectories kept aside to be finished for --audit_fraction
     for i in tqdm(range(T), desc=f"epoch {epoch} sampling", leave=False, disable=not progress):
         steps = torch.full((len(live),), i, device=device)  # (n_live,) the step index of every live trajectory
         out = predict(model, x, sched["timesteps"][steps], text, live // G, args.guidance_scale, args.sample_batch_size)
@@ -839,6 +841,10 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids=No
             members, kept = (live.view(B, -1) % G).tolist(), (live[keep].view(B, -1) % G).tolist()
             for p in range(B):
                 audit[p]["checkpoints"].append(dict(step=i, members=members[p], proxy=proxy[p].tolist(), kept=kept[p]))
+            aside = [r for r in sorted(set(range(len(live))) - set(keep.tolist()))
+                     if audit_draw(args.seed, epoch, prompt_ids[int(live[r]) // G], int(live[r]) % G) < args.audit_fraction]
+            if aside:
+                detours.append((i, live[aside], x[aside], out[aside]))
             # pruned trajectories stop here: drop their rows everywhere so their memory is released
             live, x, out, steps = live[keep], x[keep], out[keep], steps[keep]
             latents, log_probs = [l[keep] for l in latents], [lp[keep] for lp in log_probs]
@@ -847,15 +853,56 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids=No
         latents.append(x)
         log_probs.append(logp)
     rewards = score(pipe, x, [prompts[p] for p in live // G], reward_fn, args, stats)
-    if args.ovf_after_sampling:  # the paper's static OVF: prune once, on true final rewards
+    if args.ovf_after_sampling:  # the paper's static OVF: prune once, on true final rewards (audited as step T)
         keep = ovf_rows(rewards.view(B, -1), args.ovf_after_sampling)
+        members, kept = (live.view(B, -1) % G).tolist(), (live[keep].view(B, -1) % G).tolist()
+        for p in range(B):
+            audit[p]["checkpoints"].append(dict(step=T, members=members[p], proxy=rewards.view(B, -1)[p].tolist(), kept=kept[p]))
         live, rewards = live[keep], rewards[keep]
         latents, log_probs = [l[keep] for l in latents], [lp[keep] for lp in log_probs]
     for p in range(B):
-        audit[p].update(survivors=(live.view(B, -1)[p] % G).tolist(), final=rewards.view(B, -1)[p].tolist())
+        audit[p].update(survivors=(live.view(B, -1)[p] % G).tolist(), final=rewards.view(B, -1)[p].tolist(), audited={})
+    if detours:
+        ids, finals = finish_detours(pipe, text, prompts, reward_fn, args, sched, detours, generators, stats)
+        for j, r in zip(ids.tolist(), finals.tolist()):
+            audit[j // G]["audited"][j % G] = r
     samples = dict(latents=torch.stack(latents, 1), log_probs=torch.stack(log_probs, 1), rewards=rewards,
                    prompt_idx=live // G, member=live % G)
     return samples, stats, audit
+
+
+def audit_draw(seed, epoch, prompt, member):
+    """A uniform number in [0, 1) fixed by the trajectory's identity: which pruned trajectories get audited."""
+    return trajectory_seed(seed, epoch, f"audit/{prompt}", member) / 2**63
+
+
+@torch.no_grad()
+def finish_detours(pipe, text, prompts, reward_fn, args, sched, detours, generators, stats):
+    """Diagnostics only: run pruned trajectories to the end (never trained) and score them.
+
+    Each continues with its own generator from where it was pruned, reusing the model output of that
+    step, so its final reward is the one it would have had without pruning. Counted apart from the
+    schedule's NFE (perf/audit_nfe, perf/audit_decodes). Returns (trajectory ids, final rewards).
+    """
+    model, G = denoiser(pipe), args.group_size
+    ids, x = torch.zeros(0, dtype=torch.long), None
+    audit_stats = dict(decodes=0, reward_calls=0)
+    for i in range(detours[0][0], args.num_steps):
+        out = None
+        if len(ids):
+            out = predict(model, x, sched["timesteps"][torch.full((len(ids),), i, device=x.device)], text, ids // G,
+                          args.guidance_scale, args.sample_batch_size)
+            stats["audit_nfe"] += len(ids)
+        for step, j_ids, j_x, j_out in detours:
+            if step == i:  # joiners already have this step's model output
+                ids = torch.cat([ids, j_ids])
+                x = j_x if x is None else torch.cat([x, j_x])
+                out = j_out if out is None else torch.cat([out, j_out])
+        noise = torch.stack([torch.randn(x.shape[1:], generator=generators[j], device=x.device) for j in ids.tolist()])
+        x = sampler_step(sched, torch.full((len(ids),), i, device=x.device), out, x, args.noise_level, noise=noise)[0]
+    finals = score(pipe, x, [prompts[j // G] for j in ids.tolist()], reward_fn, args, audit_stats)
+    stats["audit_decodes"] += audit_stats["decodes"]
+    return ids, finals
 
 
 @torch.no_grad()
@@ -1105,6 +1152,60 @@ def validate(args):
     return schedule
 
 
+def small_advantage_fraction(rewards, delta):
+    """Share of trajectories whose group advantage |A| < delta: the paper's reward clustering. (B, n) rewards."""
+    B, n = rewards.shape
+    adv = group_advantages(rewards.flatten(), torch.arange(B).repeat_interleave(n))
+    return (adv.abs() < delta).float().mean().item()
+
+
+def _ranks(values):
+    """Ranks 0..n-1 with ties given their average rank (what Spearman's rho needs)."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    ranks = torch.empty_like(values)
+    ranks[values.argsort()] = torch.arange(len(values), dtype=torch.float64)
+    for v in values.unique():
+        ranks[values == v] = ranks[values == v].mean()
+    return ranks
+
+
+def spearman(a, b):
+    """Spearman's rank correlation (Pearson correlation of the ranks); NaN when either side is constant."""
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return ((ra * rb).sum() / (ra.norm() * rb.norm())).item()
+
+
+def kendall(a, b):
+    """Kendall's tau-b: (concordant - discordant pairs) / sqrt(pairs untied in a * pairs untied in b)."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    sa, sb = torch.sign(a[:, None] - a[None]).triu(1), torch.sign(b[:, None] - b[None]).triu(1)
+    return ((sa * sb).sum() / ((sa != 0).sum() * (sb != 0).sum()).sqrt()).item()
+
+
+def proxy_fidelity(audit, k):
+    """How well checkpoint k's proxy rewards predicted the final ones, averaged over prompts.
+
+    Uses the members whose final reward is known (survivors, plus pruned ones finished by
+    --audit_fraction; all of them at 1): rank correlations of proxy vs final, and the share of the kept
+    set that OVF on the final rewards would also have kept (only where every member is known).
+    """
+    rho, tau, overlap = [], [], []
+    for a in audit:
+        c = a["checkpoints"][k]
+        final = {**dict(zip(a["survivors"], a["final"])), **{int(m): r for m, r in a["audited"].items()}}
+        known = [i for i, m in enumerate(c["members"]) if m in final]
+        proxy, true = [c["proxy"][i] for i in known], [final[c["members"][i]] for i in known]
+        if len(known) >= 3 and len(set(proxy)) > 1 and len(set(true)) > 1:  # a constant side has no ranking
+            rho.append(spearman(proxy, true))
+            tau.append(kendall(proxy, true))
+        if len(known) == len(c["members"]):
+            best = ovf_select(torch.tensor([final[m] for m in c["members"]]), len(c["kept"]))
+            overlap.append(len({c["members"][i] for i in best.tolist()} & set(c["kept"])) / len(c["kept"]))
+    mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731  (None: nothing to measure this epoch)
+    return dict(spearman=mean(rho), kendall=mean(tau), overlap=mean(overlap))
+
+
 def epoch_metrics(epoch, rewards, stats, audit, info, args, schedule):
     """One metrics.jsonl line from the survivors' rewards (B, K), the counters, the audit and the update."""
     B = rewards.shape[0]
@@ -1113,6 +1214,8 @@ def epoch_metrics(epoch, rewards, stats, audit, info, args, schedule):
         checkpoints = [a["checkpoints"][k] for a in audit]
         before.append(group_std(torch.tensor([c["proxy"] for c in checkpoints])))
         after.append(group_std(torch.tensor([[c["proxy"][c["members"].index(m)] for m in c["kept"]] for c in checkpoints])))
+    fidelity = [proxy_fidelity(audit, k) for k in range(len(schedule))] if args.audit_fraction else []
+    expanded = torch.tensor([a["checkpoints"][0]["proxy"] if a["checkpoints"] else a["final"] for a in audit])  # (B, G_max)
     return {
         "epoch": epoch,
         "reward/mean": rewards.mean().item(),
@@ -1124,7 +1227,12 @@ def epoch_metrics(epoch, rewards, stats, audit, info, args, schedule):
         "prune/nfe_saved": 1 - stats["nfe"] / (B * args.group_size * args.num_steps),
         **{f"prune/group_std_before_{s}": b for (s, _), b in zip(schedule, before)},
         **{f"prune/group_std_after_{s}": a for (s, _), a in zip(schedule, after)},
+        **{f"cluster/{name}_abs_adv_lt_{delta}": small_advantage_fraction(r, delta)
+           for name, r in (("expanded", expanded), ("survivors", rewards)) for delta in (0.5, 0.1)},
+        **{f"audit/{name}_{s}": f[name] for (s, _), f in zip(schedule, fidelity) for name in ("spearman", "kendall", "overlap")},
         "perf/nfe_sample": stats["nfe"],
+        "perf/audit_nfe": stats["audit_nfe"],
+        "perf/audit_decodes": stats["audit_decodes"],
         "perf/decodes": stats["decodes"],
         "perf/reward_calls": stats["reward_calls"],
         "policy/loss": info["loss"].mean().item(),
@@ -1212,6 +1320,7 @@ def main(args):
         with ema_weights(params, ema):
             save_weights(pipe, out, args.full_finetune)
         plot_rewards(history, out / "reward_curve.png")
+        plot_advantage_histogram(out / "prune_audit.jsonl", out / "advantage_histogram.png")
         print(f"done: metrics {out / 'metrics.jsonl'}, audit {out / 'prune_audit.jsonl'}, grids {out / 'samples'}, "
               f"curve {out / 'reward_curve.png'}, weights in {out}")
     if world > 1:
@@ -1257,6 +1366,33 @@ def plot_rewards(history, path):
     ax.plot([m["epoch"] for m in evals], [m["eval/reward_mean"] for m in evals], "o-", label="eval (ODE, held-out prompts)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("reward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_advantage_histogram(audit_path, path):
+    """The paper's Figure 1 on your run: advantages in the full (expanded) group vs in the trained survivors.
+
+    The full group's rewards are the proxies at the first checkpoint (the final rewards when nothing is
+    pruned), each group normalised on its own; most of its mass sits near 0, the survivors' does not.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    audit = [json.loads(line) for line in Path(audit_path).read_text().splitlines()]
+    full = [a["checkpoints"][0]["proxy"] if a["checkpoints"] else a["final"] for a in audit]
+    adv_full = torch.cat([group_advantages(torch.tensor(r), torch.zeros(len(r))) for r in full])
+    adv_kept = torch.cat([group_advantages(torch.tensor(a["final"]), torch.zeros(len(a["final"]))) for a in audit])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = torch.linspace(-3, 3, 41).tolist()
+    ax.hist(adv_full.tolist(), bins=bins, density=True, alpha=0.5, label=f"full group (G = {len(full[0])})")
+    ax.hist(adv_kept.tolist(), bins=bins, density=True, alpha=0.5, label=f"trained survivors (K = {len(audit[0]['final'])})")
+    ax.set_xlabel("normalised reward (advantage) within the group")
+    ax.set_ylabel("density")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

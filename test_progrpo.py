@@ -429,6 +429,43 @@ def test_missing_optional_package_is_named(monkeypatch):
         progrpo.HPSv2("cpu")
 
 
+def test_audit_finishes_every_pruned_trajectory(tiny):
+    """--audit_fraction 1 finishes every pruned trajectory, untrained, with the final reward it has unpruned."""
+    pipe, _, prompts, text = tiny
+    args = tiny_args(sample_batch_size=1, decode_batch_size=1, reward_batch_size=1, audit_fraction=1.0)
+    samples, stats, audit = progrpo.rollout(pipe, text, prompts, progrpo.colour_reward, args, 2, [(2, 4), (4, 3)])
+    full, _, _ = progrpo.rollout(pipe, text, prompts, progrpo.colour_reward, dataclasses.replace(args, prune="none"), 2, [])
+    assert stats["nfe"] == 58 and stats["audit_nfe"] == 2 * (2 * 3 + 1 * 1)  # 2 pruned at step 2 run 3 steps, 1 at step 4 runs 1
+    assert len(samples["rewards"]) == 6  # the audited ones are not trained on
+    for p, a in enumerate(audit):
+        finals = {**dict(zip(a["survivors"], a["final"])), **a["audited"]}
+        assert sorted(finals) == list(range(6))
+        assert [finals[m] for m in range(6)] == full["rewards"].view(2, 6)[p].tolist()
+        fidelity = progrpo.proxy_fidelity([a], 0)
+        assert -1 <= fidelity["spearman"] <= 1 and fidelity["overlap"] is not None
+
+
+def test_proxy_fidelity_by_hand():
+    """Spearman, Kendall and kept-set overlap on a fixed case, against values computed by hand."""
+    checkpoint = dict(step=2, members=[0, 1, 2, 3, 4], proxy=[0.1, 0.4, 0.2, 0.9, 0.5], kept=[0, 3])
+    audit = [dict(checkpoints=[checkpoint], survivors=[0, 3], final=[1.0, 5.0], audited={1: 2.0, 2: 3.0, 4: 4.0})]
+    # proxy ranks 0 2 1 4 3, final ranks 0 1 2 4 3: d^2 = 0+1+1+0+0 = 2, rho = 1 - 6*2/(5*24) = 0.9
+    # 10 pairs, only (1, 2) discordant: tau = (9 - 1) / 10 = 0.8. Finals by member are 1, 2, 3, 5, 4: OVF keeps
+    # the lowest and the highest (members 0 and 3), so the overlap with kept {0, 3} is 1
+    f = progrpo.proxy_fidelity(audit, 0)
+    assert f["spearman"] == pytest.approx(0.9) and f["kendall"] == pytest.approx(0.8) and f["overlap"] == 1.0
+    audit[0]["checkpoints"][0]["kept"] = [0, 1]
+    assert progrpo.proxy_fidelity(audit, 0)["overlap"] == 0.5
+    assert progrpo.kendall([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / (2 * 3) ** 0.5)  # tau-b with a tie
+
+
+def test_small_advantage_fraction():
+    """The clustering measure counts |A| < delta within each group."""
+    rewards = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0, 5.0]])  # A = -1.41 -0.71 0 0.71 1.41; all 0
+    assert progrpo.small_advantage_fraction(rewards, 0.5) == pytest.approx(6 / 10)
+    assert progrpo.small_advantage_fraction(rewards, 0.75) == pytest.approx(8 / 10)
+
+
 def test_nan_reward_stops_the_run_naming_the_prompt(tiny):
     """A reward that comes back NaN raises RunError naming the prompt instead of training on it."""
     pipe, _, prompts, text = tiny
