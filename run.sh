@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pro-GRPO presets. Usage: bash run.sh [demo|test|bench|sd35|sd35-flash|sd35-baseline|sd14|sd14-baseline|sd14-multi] [extra flags]
+# Pro-GRPO presets. Usage: bash run.sh [demo|test|bench|flops|compare|sd35|sd35-flash|sd35-baseline|sd14|sd14-baseline|sd14-multi] [extra flags]
 #   (none) / demo   CPU demo: tiny random-weight SD3, weight-free colour reward, a few minutes on 2 cores
 #   test            the test suite (CPU, offline)
 #   bench           kernels/bench.py: Triton vs torch timings
@@ -89,6 +89,17 @@ case "$preset" in
     bench)
         "$PY" -m kernels.bench "$@"
         ;;
+    compare)        # matched compute on the demo task: GRPO, expanded GRPO, static OVF, Pro-GRPO x 3 seeds (~20 min on 2 cores)
+        "$PY" progrpo.py --pretrained_model_name_or_path tiny --prompts demo --eval_prompts demo --reward colour \
+            --resolution 16 --mixed_precision no --max_sequence_length 16 --num_epochs 1000 --prompts_per_epoch 6 \
+            --sample_batch_size 32 --decode_batch_size 32 --train_batch_size 8 --eval_steps 10 --eval_every 10 \
+            --checkpointing_steps 100000 --learning_rate 5e-3 --clip_range 1e-2 --beta 0 \
+            --compare --compare_seeds 3 --max_flops 5e12 --output_dir outputs/compare "$@"
+        echo "report: outputs/compare/comparison.md and outputs/compare/comparison.png"
+        ;;
+    flops)          # per-epoch FLOPs of the presets for the real architectures, on the meta device (no weights)
+        HF_HUB_OFFLINE=1 "$PY" progrpo.py --flops_only "$@"
+        ;;
     sd35)           # Pro-GRPO: 48 -> 24 -> 12 at steps {5, 7}
         fetch_pickscore_prompts
         launch "${SD35[@]}" --group_size 48 --prune 5:24,7:12 --output_dir outputs/sd35 "$@"
@@ -115,7 +126,7 @@ case "$preset" in
             --output_dir outputs/sd14-multi "$@"
         ;;
     *)
-        echo "error: unknown preset '$preset'; choose demo, test, bench, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline or sd14-multi" >&2
+        echo "error: unknown preset '$preset'; choose demo, test, bench, flops, compare, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline or sd14-multi" >&2
         exit 2
         ;;
 esac

@@ -646,3 +646,69 @@ def test_gradient_checkpointing_changes_nothing(tiny):
     pipe.transformer.disable_gradient_checkpointing()
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-7)
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compute accounting and the matched-compute comparison
+# ---------------------------------------------------------------------------------------------------
+
+def test_cpu_attention_is_counted():
+    """The CPU attention kernel, which torch's counter does not know, counts 4 b h s^2 d like the GPU ones."""
+    q = torch.randn(2, 3, 10, 8)
+    assert progrpo.count_flops(torch.nn.functional.scaled_dot_product_attention, q, q, q)[1] == 4 * 2 * 3 * 10 * 10 * 8
+
+
+def test_sampling_and_update_flops_are_per_call_times_counts(tiny):
+    """FLOPs counted over a whole rollout and a whole update = the schedule's counts x per-call FLOPs: no hidden calls."""
+    pipe, params, prompts, text = tiny
+    args = tiny_args()
+    per_call = progrpo.call_flops(pipe, progrpo.colour_reward, text, prompts[0], args)
+    schedule = progrpo.parse_prune_schedule(args.prune, args.num_steps, args.group_size)
+    (samples, stats, _), counted = progrpo.count_flops(progrpo.rollout, pipe, text, prompts, progrpo.colour_reward, args, 0, schedule)
+    nfe = len(prompts) * sum(progrpo.live_counts(args.num_steps, args.group_size, schedule))  # 2 * (3*6 + 2*4 + 1*3) = 58
+    assert per_call["model"] > 0 and per_call["decode"] > 0 and per_call["reward"] == 0  # the colour reward has no matmul
+    assert counted - stats["decodes"] * per_call["decode"] == nfe * per_call["model"]
+    epoch = progrpo.epoch_flops(per_call, args, schedule)
+    assert counted == epoch["sampling"] + epoch["checkpoints"] + epoch["final"] and epoch["nfe"] * 2 == nfe == 58
+    adv = progrpo.group_advantages(samples["rewards"], samples["prompt_idx"])
+    optimizer = torch.optim.SGD(params, lr=0.0)  # the weights' values do not change FLOPs
+    _, counted = progrpo.count_flops(progrpo.train_epoch, pipe, params, optimizer, samples, adv, text, args, 0)
+    assert per_call["model"] < per_call["train"] < 3 * per_call["model"] and per_call["reference"] < per_call["model"]
+    assert counted == epoch["update"] == 2 * 3 * 5 * (per_call["train"] + per_call["reference"])
+
+
+def test_flops_table_builds_for_the_real_architectures():
+    """SD3.5-M and SD-v1.4 on meta, offline: the paper's per-image costs, its NFE counts, its ordering and scale."""
+    real = progrpo.preset_flops(ROOT / "configs")
+    TERA = 1e12
+    assert {n: r["nfe"] for n, r in real.items()} == {"sd35": 360, "sd35-flash": 200, "sd35-baseline": 240, "sd14": 1880, "sd14-baseline": 800}
+    pc = real["sd35"]["per_call"]
+    assert abs(pc["decode"] / TERA / progrpo.PAPER_DECODE_TFLOPS - 1) < 0.03  # the SD3 VAE decoder at 512 px: 2.51 vs 2.49
+    assert abs(pc["reward_image"] / TERA / progrpo.PAPER_REWARD_TFLOPS - 1) < 0.03  # CLIP-H's image tower: 0.335 vs 0.34
+    total = {n: r["total"] / TERA for n, r in real.items()}
+    assert total["sd35-baseline"] > total["sd35"] > total["sd35-flash"]
+    # what runs (LoRA backward ~1 forward) is 0.44-0.48 of Table 4; the 6N-rule update is within a factor 2
+    assert all(0.4 < total[n] / progrpo.PAPER_TFLOPS[n] < 1 for n in progrpo.PAPER_TFLOPS)
+    variants = progrpo.accounting_variants(real)
+    full = next(v for label, v in variants.items() if label.startswith("update = 3 forwards"))
+    assert all(0.5 < full[n] / TERA / progrpo.PAPER_TFLOPS[n] < 2 for n in progrpo.PAPER_TFLOPS)
+    assert any(all(abs(v[n] / TERA / progrpo.PAPER_TFLOPS[n] - 1) < 0.1 for n in progrpo.PAPER_TFLOPS) for v in variants.values())
+    table = progrpo.flops_table(real)
+    assert all(f"| {n} |" in table for n in real) and "335,627" in table
+
+
+def test_max_flops_stops_at_the_budget(tmp_path):
+    """--max_flops stops after the first epoch whose cumulative FLOPs reach the budget, and evaluates there."""
+    args = progrpo.parse_args(SHORT_RUN + ["--num_epochs", "1", "--eval_every", "100"])
+    per_epoch = progrpo.main(dataclasses.replace(args, output_dir=str(tmp_path / "one")))[0]["perf/flops"]
+    history = progrpo.main(dataclasses.replace(args, num_epochs=50, max_flops=2.5 * per_epoch, output_dir=str(tmp_path / "budget")))
+    assert len(history) == 3 and history[-1]["perf/flops_cumulative"] == 3 * per_epoch and "eval/reward_mean" in history[-1]
+
+
+def test_comparison_harness_runs(tmp_path):
+    """`run.sh compare` in miniature (1 seed, one epoch each): four methods, a report and its plot."""
+    args = dataclasses.replace(DEMO_ARGS, compare=True, compare_seeds=1, max_flops=1.0, prompts_per_epoch=2, eval_every=1,
+                               output_dir=str(tmp_path))
+    progrpo.main(args)
+    report = (tmp_path / "comparison.md").read_text()
+    assert all(f"| {name} | 1 |" in report for name in progrpo.COMPARE_METHODS) and (tmp_path / "comparison.png").is_file()
