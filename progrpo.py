@@ -142,7 +142,7 @@ class Args:
     clip_range: float = arg(1e-4, "PPO ratio clip epsilon (Flow-GRPO: 1e-4; log-probs are means over C*H*W, so ratios move little)")
     adv_clip_max: float = arg(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max]")
     beta: float = arg(0.01, "KL penalty weight against the base model (adapter disabled)")
-    global_std: bool = arg(False, "Flow-GRPO variant: per-prompt mean but std over the whole batch")
+    global_std: bool = arg(False, "Flow-GRPO variant: per-prompt mean but std over the whole batch (over each rank's share under torchrun)")
     audit_fraction: float = arg(0.0, "diagnostics: finish this random share of pruned trajectories (untrained) to measure proxy fidelity")
     max_flops: float = arg(0.0, "stop once sampling + decode/reward + update have spent this many FLOPs (0 = run all epochs)")
     flops_only: bool = arg(False, "print the per-epoch FLOPs of run.sh's presets (SD3.5-M, SD-v1.4 on the meta device, no weights) beside the paper's Table 4, and exit")
@@ -179,6 +179,13 @@ def _per_sample(value, like):
     return value.to(torch.float32).view(-1, *([1] * (like.ndim - 1)))
 
 
+def gaussian_logprob(sample, mean, std):
+    """log N(sample; mean, std^2) per element, constants included, averaged (not summed) over C*H*W as
+    Flow-GRPO and DDPO do. The sample is data: no gradient flows into it."""
+    return (-((sample.detach().float() - mean) ** 2) / (2 * std**2) - torch.log(std)
+            - 0.5 * math.log(2 * math.pi)).mean(dim=tuple(range(1, mean.ndim)))
+
+
 def flow_std(sigma, sigma_next, noise_level):
     """Flow-GRPO's per-step noise scale std_t = a sqrt(sigma / (1 - sigma')), (B,) fp32.
 
@@ -205,13 +212,7 @@ def sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, prev_sample=None
     step_std = std_dev_t * torch.sqrt(-dt)  # the Brownian increment over |dt|
     if prev_sample is None:
         prev_sample = mean if noise_level == 0 else mean + step_std * noise.float()
-    log_prob = None
-    if noise_level != 0:
-        log_prob = (
-            -((prev_sample.detach().float() - mean) ** 2) / (2 * step_std**2)
-            - torch.log(step_std)
-            - 0.5 * math.log(2 * math.pi)
-        ).mean(dim=tuple(range(1, x.ndim)))  # mean, not sum, over C*H*W (Flow-GRPO)
+    log_prob = gaussian_logprob(prev_sample, mean, step_std) if noise_level != 0 else None
     return prev_sample, log_prob, mean, std_dev_t.view(-1)
 
 
@@ -236,13 +237,7 @@ def ddim_step_with_logprob(eps, x, alpha_prod_t, alpha_prod_t_prev, eta, prev_sa
     mean = a_prev.sqrt() * x0_hat + (1 - a_prev - std_dev_t**2).sqrt() * eps
     if prev_sample is None:
         prev_sample = mean if eta == 0 else mean + std_dev_t * noise.float()
-    log_prob = None
-    if eta != 0:
-        log_prob = (
-            -((prev_sample.detach().float() - mean) ** 2) / (2 * std_dev_t**2)
-            - torch.log(std_dev_t)
-            - 0.5 * math.log(2 * math.pi)
-        ).mean(dim=tuple(range(1, x.ndim)))
+    log_prob = gaussian_logprob(prev_sample, mean, std_dev_t) if eta != 0 else None
     return prev_sample, log_prob, mean, std_dev_t.view(-1)
 
 
@@ -366,11 +361,16 @@ def step_logprob(sched, i, out, x, x_next, noise_level, out_ref=None):
     KL of two Gaussians with the same std: mean over C*H*W of (mean - mean_ref)^2 / (2 std^2), with the
     flow std taken without its sqrt(-dt) factor (Flow-GRPO). The fused kernels compute the same numbers.
     """
-    if kernels is not None:
-        if "sigma" in sched:
-            sigma, sigma_next = sched["sigma"][i], sched["sigma_next"][i]
-            return kernels.sde_logprob(out, x, x_next, sigma, sigma_next, flow_std(sigma, sigma_next, noise_level), v_ref=out_ref)
-        return kernels.ddim_logprob(out, x, x_next, sched["alpha_prod_t"][i], sched["alpha_prod_t_prev"][i], noise_level, eps_ref=out_ref)
+    if kernels is None:
+        return step_logprob_torch(sched, i, out, x, x_next, noise_level, out_ref)
+    if "sigma" in sched:
+        sigma, sigma_next = sched["sigma"][i], sched["sigma_next"][i]
+        return kernels.sde_logprob(out, x, x_next, sigma, sigma_next, flow_std(sigma, sigma_next, noise_level), v_ref=out_ref)
+    return kernels.ddim_logprob(out, x, x_next, sched["alpha_prod_t"][i], sched["alpha_prod_t_prev"][i], noise_level, eps_ref=out_ref)
+
+
+def step_logprob_torch(sched, i, out, x, x_next, noise_level, out_ref=None):
+    """step_logprob in plain eager PyTorch: the step function's log-prob, and the KL from a second mean."""
     _, logp, mean, std = sampler_step(sched, i, out, x, noise_level, prev_sample=x_next)
     if out_ref is None:
         return logp, None
@@ -937,6 +937,7 @@ def train_epoch(pipe, params, optimizer, samples, adv, text, args, epoch, ema=No
     (Flow-GRPO), in a random order per trajectory for diffusion models (DanceGRPO). Micro-batches of
     trajectories; the epoch's micro-batches are split into `updates_per_epoch` optimiser steps. Under
     torchrun the gradients are averaged over ranks before clipping (DDP over the trainable weights).
+    `ema` (a list of tensors, or None) follows the weights after every optimiser step.
     Returns per-(micro-batch, step) statistics.
     """
     model = denoiser(pipe)
@@ -1145,6 +1146,8 @@ def validate(args):
         raise RunError(f"--mixed_precision must be no, fp16 or bf16 (got '{args.mixed_precision}')")
     if args.full_finetune and args.beta > 0:
         raise RunError("--full_finetune has no frozen reference for the KL term; use --beta 0 (as DanceGRPO) or LoRA")
+    if not 0 <= args.audit_fraction <= 1:
+        raise RunError(f"--audit_fraction is a share of the pruned trajectories, in [0, 1] (got {args.audit_fraction})")
     if args.noise_level <= 0:
         raise RunError(f"--noise_level must be positive: training needs a stochastic sampler (got {args.noise_level})")
     if args.resolution % 16:
@@ -1155,60 +1158,6 @@ def validate(args):
     if not 0 < args.timestep_fraction <= 1 or int(args.num_steps * args.timestep_fraction) < 1:
         raise RunError(f"--timestep_fraction must leave at least one trained step (got {args.timestep_fraction})")
     return schedule
-
-
-def small_advantage_fraction(rewards, delta):
-    """Share of trajectories whose group advantage |A| < delta: the paper's reward clustering. (B, n) rewards."""
-    B, n = rewards.shape
-    adv = group_advantages(rewards.flatten(), torch.arange(B).repeat_interleave(n))
-    return (adv.abs() < delta).float().mean().item()
-
-
-def _ranks(values):
-    """Ranks 0..n-1 with ties given their average rank (what Spearman's rho needs)."""
-    values = torch.as_tensor(values, dtype=torch.float64)
-    ranks = torch.empty_like(values)
-    ranks[values.argsort()] = torch.arange(len(values), dtype=torch.float64)
-    for v in values.unique():
-        ranks[values == v] = ranks[values == v].mean()
-    return ranks
-
-
-def spearman(a, b):
-    """Spearman's rank correlation (Pearson correlation of the ranks); NaN when either side is constant."""
-    ra, rb = _ranks(a), _ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return ((ra * rb).sum() / (ra.norm() * rb.norm())).item()
-
-
-def kendall(a, b):
-    """Kendall's tau-b: (concordant - discordant pairs) / sqrt(pairs untied in a * pairs untied in b)."""
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    sa, sb = torch.sign(a[:, None] - a[None]).triu(1), torch.sign(b[:, None] - b[None]).triu(1)
-    return ((sa * sb).sum() / ((sa != 0).sum() * (sb != 0).sum()).sqrt()).item()
-
-
-def proxy_fidelity(audit, k):
-    """How well checkpoint k's proxy rewards predicted the final ones, averaged over prompts.
-
-    Uses the members whose final reward is known (survivors, plus pruned ones finished by
-    --audit_fraction; all of them at 1): rank correlations of proxy vs final, and the share of the kept
-    set that OVF on the final rewards would also have kept (only where every member is known).
-    """
-    rho, tau, overlap = [], [], []
-    for a in audit:
-        c = a["checkpoints"][k]
-        final = {**dict(zip(a["survivors"], a["final"])), **{int(m): r for m, r in a["audited"].items()}}
-        known = [i for i, m in enumerate(c["members"]) if m in final]
-        proxy, true = [c["proxy"][i] for i in known], [final[c["members"][i]] for i in known]
-        if len(known) >= 3 and len(set(proxy)) > 1 and len(set(true)) > 1:  # a constant side has no ranking
-            rho.append(spearman(proxy, true))
-            tau.append(kendall(proxy, true))
-        if len(known) == len(c["members"]):
-            best = ovf_select(torch.tensor([final[m] for m in c["members"]]), len(c["kept"]))
-            overlap.append(len({c["members"][i] for i in best.tolist()} & set(c["kept"])) / len(c["kept"]))
-    mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731  (None: nothing to measure this epoch)
-    return dict(spearman=mean(rho), kendall=mean(tau), overlap=mean(overlap))
 
 
 def epoch_metrics(epoch, rewards, stats, audit, info, args, schedule):
@@ -1292,7 +1241,7 @@ def main(args):
         # ALGO LOGIC: 1-5 sample, prune, score. Each rank owns whole prompt groups: prompts rank, rank + world, ...
         pick = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(trajectory_seed(args.seed, epoch, "prompts", 0)))
         prompt_ids = list(range(rank, args.prompts_per_epoch, world))  # positions in the epoch's batch: they seed the noise
-        prompts = [train_prompts[pick[i]] for i in prompt_ids]
+        prompts = [train_prompts[pick[i % len(pick)]] for i in prompt_ids]  # a short prompt file repeats
         text = encode_prompts(pipe, prompts, args.max_sequence_length)
         t0 = time.time()
         samples, stats, audit = rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids, progress=rank == 0)
@@ -1352,6 +1301,60 @@ def main(args):
 # ----------------------------------------------------------------------------------------------------
 # Diagnostics and pictures
 # ----------------------------------------------------------------------------------------------------
+
+def small_advantage_fraction(rewards, delta):
+    """Share of trajectories whose group advantage |A| < delta: the paper's reward clustering. (B, n) rewards."""
+    B, n = rewards.shape
+    adv = group_advantages(rewards.flatten(), torch.arange(B).repeat_interleave(n))
+    return (adv.abs() < delta).float().mean().item()
+
+
+def _ranks(values):
+    """Ranks 0..n-1 with ties given their average rank (what Spearman's rho needs)."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    ranks = torch.empty_like(values)
+    ranks[values.argsort()] = torch.arange(len(values), dtype=torch.float64)
+    for v in values.unique():
+        ranks[values == v] = ranks[values == v].mean()
+    return ranks
+
+
+def spearman(a, b):
+    """Spearman's rank correlation (Pearson correlation of the ranks); NaN when either side is constant."""
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return ((ra * rb).sum() / (ra.norm() * rb.norm())).item()
+
+
+def kendall(a, b):
+    """Kendall's tau-b: (concordant - discordant pairs) / sqrt(pairs untied in a * pairs untied in b)."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    sa, sb = torch.sign(a[:, None] - a[None]).triu(1), torch.sign(b[:, None] - b[None]).triu(1)
+    return ((sa * sb).sum() / ((sa != 0).sum() * (sb != 0).sum()).sqrt()).item()
+
+
+def proxy_fidelity(audit, k):
+    """How well checkpoint k's proxy rewards predicted the final ones, averaged over prompts.
+
+    Uses the members whose final reward is known (survivors, plus pruned ones finished by
+    --audit_fraction; all of them at 1): rank correlations of proxy vs final, and the share of the kept
+    set that OVF on the final rewards would also have kept (only where every member is known).
+    """
+    rho, tau, overlap = [], [], []
+    for a in audit:
+        c = a["checkpoints"][k]
+        final = {**dict(zip(a["survivors"], a["final"])), **{int(m): r for m, r in a["audited"].items()}}
+        known = [i for i, m in enumerate(c["members"]) if m in final]
+        proxy, true = [c["proxy"][i] for i in known], [final[c["members"][i]] for i in known]
+        if len(known) >= 3 and len(set(proxy)) > 1 and len(set(true)) > 1:  # a constant side has no ranking
+            rho.append(spearman(proxy, true))
+            tau.append(kendall(proxy, true))
+        if len(known) == len(c["members"]):
+            best = ovf_select(torch.tensor([final[m] for m in c["members"]]), len(c["kept"]))
+            overlap.append(len({c["members"][i] for i in best.tolist()} & set(c["kept"])) / len(c["kept"]))
+    mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731  (None: nothing to measure this epoch)
+    return dict(spearman=mean(rho), kendall=mean(tau), overlap=mean(overlap))
+
 
 def evaluate(pipe, reward_fn, prompts, args, grid_path):
     """ODE samples on held-out prompts: mean reward, and a grid PNG (one image per prompt)."""

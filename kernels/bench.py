@@ -6,8 +6,9 @@
 Paths timed, forward and forward+backward (backward = gradient w.r.t. the model output v):
   triton  the fused kernels (kernels.gaussian_step, backend="triton"); needs a CUDA GPU to time
   torch   the fp32 torch reference the tests pin (gaussian_step_logprob_torch, via backend="torch")
-  naive   the eager formula written as Flow-GRPO / DDPO write it: upcast, mean built step by step,
-          log-density, mean over dims, KL through a second mean from the reference output
+  naive   the eager formula as Flow-GRPO / DDPO write it, which is progrpo.step_logprob_torch (what
+          progrpo.py runs without kernels/): upcast, step mean, log-density, mean over dims, and the
+          KL through a second step mean from the reference output
 Presets: sd35 = flow SDE step with KL (beta = 0.01 in Flow-GRPO), B in {12, 24, 48}, latents 16x64x64;
 sd14 = DDIM step without KL (beta = 0 in DanceGRPO), B in {4, 8}, latents 4x64x64; fp32 and bf16.
 
@@ -21,12 +22,13 @@ GPU timings use triton.testing.do_bench (median); CPU timings are the median wal
 """
 
 import argparse
-import math
 import platform
 import statistics
 import time
 
 import torch
+
+import progrpo  # the eager path: progrpo.py's own step functions, what it runs with kernels/ deleted
 
 from . import triton_available
 from .gaussian_step import ddim_logprob, sde_logprob
@@ -38,46 +40,12 @@ PRESETS = {  # name: (sampler, latent shape per sample, batch sizes, uses KL)
 QUICK_PRESETS = {"sd35": ("flow", (16, 8, 8), (3,), True), "sd14": ("ddim", (4, 8, 8), (2,), False)}
 
 
-def naive_flow_logprob(v, x, x_next, sigma, sigma_next, std_dev_t, v_ref=None):
-    """Flow-GRPO's eager SDE-step log-prob and KL, one elementwise op at a time."""
-    v, x, x_next = v.float(), x.float(), x_next.float()
-    col = (-1,) + (1,) * (v.ndim - 1)
-    sigma, sigma_next, std_dev_t = sigma.view(col), sigma_next.view(col), std_dev_t.view(col)
-    dt = sigma_next - sigma
-    dims = tuple(range(1, v.ndim))
-
-    def step_mean(v):
-        return x + v * dt + std_dev_t**2 / (2 * sigma) * (x + (1 - sigma) * v) * dt
-
-    mean = step_mean(v)
-    s = std_dev_t * torch.sqrt(-dt)
-    log_prob = -((x_next - mean) ** 2) / (2 * s**2) - torch.log(s) - torch.log(torch.sqrt(torch.tensor(2 * math.pi)))
-    kl = None
-    if v_ref is not None:
-        with torch.no_grad():
-            mean_ref = step_mean(v_ref.float())
-        kl = ((mean - mean_ref) ** 2).mean(dim=dims) / (2 * std_dev_t.flatten() ** 2)
-    return log_prob.mean(dim=dims), kl
-
-
-def naive_ddim_logprob(eps, x, x_next, alpha_prod_t, alpha_prod_t_prev, eta):
-    """DDPO's eager DDIM-step log-prob, one elementwise op at a time."""
-    eps, x, x_next = eps.float(), x.float(), x_next.float()
-    col = (-1,) + (1,) * (eps.ndim - 1)
-    a_t, a_prev = alpha_prod_t.view(col), alpha_prod_t_prev.view(col)
-    std = eta * (((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)) ** 0.5
-    x0_hat = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
-    mean = a_prev**0.5 * x0_hat + (1 - a_prev - std**2) ** 0.5 * eps
-    log_prob = (-((x_next - mean) ** 2) / (2 * std**2) - torch.log(std)
-                - torch.log(torch.sqrt(torch.tensor(2 * math.pi))))
-    return log_prob.mean(dim=tuple(range(1, eps.ndim))), None
-
-
 def make_case(sampler, batch, latent, dtype, device, use_kl):
     """Inputs of one step at mid-trajectory, and {path: function(v) -> (log_prob, kl)}."""
     gen = torch.Generator().manual_seed(0)
     v, x, x_next, v_ref = (torch.randn((batch, *latent), generator=gen).to(device, dtype) for _ in range(4))
     v_ref = v_ref if use_kl else None
+    rows = torch.arange(batch, device=device)  # each sample reads its own row of the schedule
     if sampler == "flow":  # sigmas 5 -> 6 of SD3.5's T=10 schedule, noise level 0.7
         sigma = torch.full((batch,), 0.70728, device=device)
         sigma_next = torch.full((batch,), 0.60215, device=device)
@@ -85,7 +53,7 @@ def make_case(sampler, batch, latent, dtype, device, use_kl):
         paths = {
             "triton": lambda v: sde_logprob(v, x, x_next, *sched, v_ref=v_ref, backend="triton"),
             "torch": lambda v: sde_logprob(v, x, x_next, *sched, v_ref=v_ref, backend="torch"),
-            "naive": lambda v: naive_flow_logprob(v, x, x_next, *sched, v_ref=v_ref),
+            "naive": lambda v: progrpo.step_logprob_torch(dict(sigma=sigma, sigma_next=sigma_next), rows, v, x, x_next, 0.7, v_ref),
         }
     else:  # SD-v1.4 scaled-linear betas, DDIM step t = 501 -> 481, eta 1
         alphas_cumprod = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0)
@@ -93,7 +61,7 @@ def make_case(sampler, batch, latent, dtype, device, use_kl):
         paths = {
             "triton": lambda v: ddim_logprob(v, x, x_next, *sched, eps_ref=v_ref, backend="triton"),
             "torch": lambda v: ddim_logprob(v, x, x_next, *sched, eps_ref=v_ref, backend="torch"),
-            "naive": lambda v: naive_ddim_logprob(v, x, x_next, *sched),
+            "naive": lambda v: progrpo.step_logprob_torch(dict(alpha_prod_t=sched[0], alpha_prod_t_prev=sched[1]), rows, v, x, x_next, 1.0),
         }
     return v.requires_grad_(), paths
 

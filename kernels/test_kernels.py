@@ -21,7 +21,6 @@ import pytest  # noqa: E402
 import kernels  # noqa: E402
 from kernels import gaussian_step_logprob_torch, group_advantages, group_advantages_torch  # noqa: E402
 from kernels import ddim_logprob, sde_logprob  # noqa: E402
-from kernels.bench import naive_ddim_logprob, naive_flow_logprob  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -126,17 +125,21 @@ def test_triton_accepts_non_contiguous_inputs():
     assert grad.shape == v.shape
 
 
-def test_naive_eager_formulas_in_bench_equal_the_reference():
-    """bench.py's eager Flow-GRPO/DDPO formulas give the reference's log_prob and KL: like is timed with like."""
+def test_eager_path_timed_by_bench_equals_the_reference():
+    """bench.py's eager path (progrpo.step_logprob_torch) gives the reference's log_prob and KL: like is timed with like."""
+    import progrpo
+
     gen = torch.Generator().manual_seed(3)
-    v, x, x_next, v_ref = (torch.randn(3, 4, 6, 6, generator=gen) for _ in range(4))
-    sched = flow_schedule(3, gen)
-    ours = sde_logprob(v, x, x_next, *sched, v_ref=v_ref, backend="torch")
-    for a, b in zip(ours, naive_flow_logprob(v, x, x_next, *sched, v_ref=v_ref)):
+    v, x, x_next, v_ref = (torch.randn(3, 4, 6, 6, generator=gen).to(DEVICE) for _ in range(4))
+    sigma, sigma_next, std_dev_t = flow_schedule(3, gen)  # std_dev_t is Flow-GRPO's for noise level 0.7
+    rows = torch.arange(3, device=DEVICE)
+    ours = sde_logprob(v, x, x_next, sigma, sigma_next, std_dev_t, v_ref=v_ref, backend="torch")
+    eager = progrpo.step_logprob_torch(dict(sigma=sigma, sigma_next=sigma_next), rows, v, x, x_next, 0.7, v_ref)
+    for a, b in zip(ours, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    a_t, a_prev = torch.tensor([0.05, 0.3, 0.6]), torch.tensor([0.06, 0.33, 0.65])
-    torch.testing.assert_close(ddim_logprob(v, x, x_next, a_t, a_prev, 1.0, backend="torch")[0],
-                               naive_ddim_logprob(v, x, x_next, a_t, a_prev, 1.0)[0], rtol=1e-5, atol=1e-5)
+    a_t, a_prev = torch.tensor([0.05, 0.3, 0.6], device=DEVICE), torch.tensor([0.06, 0.33, 0.65], device=DEVICE)
+    eager = progrpo.step_logprob_torch(dict(alpha_prod_t=a_t, alpha_prod_t_prev=a_prev), rows, v, x, x_next, 1.0)
+    torch.testing.assert_close(ddim_logprob(v, x, x_next, a_t, a_prev, 1.0, backend="torch")[0], eager[0], rtol=1e-5, atol=1e-5)
 
 
 # ---- the baselines' own step functions (shared/reference/baseline_steps.pt) -------------------------
