@@ -18,6 +18,17 @@ NUM_WARPS = 4
 
 
 @triton.jit
+def _load_residual(v_ptr, x_ptr, x_next_ptr, cx_ptr, cv_ptr, b, offs, mask):
+    """Loads one block of sample b (cast to fp32) and returns (v, x_next - mean); masked lanes give 0."""
+    cx = tl.load(cx_ptr + b)
+    cv = tl.load(cv_ptr + b)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x_next = tl.load(x_next_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return v, x_next - (cx * x + cv * v)
+
+
+@triton.jit
 def _gaussian_step_fwd_kernel(v_ptr, x_ptr, x_next_ptr, v_ref_ptr, cx_ptr, cv_ptr, sq_ptr, kl_ptr,
                               D, NUM_BLOCKS, HAS_REF: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
@@ -25,12 +36,7 @@ def _gaussian_step_fwd_kernel(v_ptr, x_ptr, x_next_ptr, v_ref_ptr, cx_ptr, cv_pt
     cols = blk * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = cols < D  # masked lanes load 0 everywhere, so they add 0 to both sums
     offs = b.to(tl.int64) * D + cols
-    cx = tl.load(cx_ptr + b)
-    cv = tl.load(cv_ptr + b)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x_next = tl.load(x_next_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    diff = x_next - (cx * x + cv * v)
+    v, diff = _load_residual(v_ptr, x_ptr, x_next_ptr, cx_ptr, cv_ptr, b, offs, mask)
     tl.store(sq_ptr + b * NUM_BLOCKS + blk, tl.sum(diff * diff, axis=0))
     if HAS_REF:
         dv = v - tl.load(v_ref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -45,12 +51,8 @@ def _gaussian_step_bwd_kernel(v_ptr, x_ptr, x_next_ptr, v_ref_ptr, cx_ptr, cv_pt
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = cols < D
     offs = b.to(tl.int64) * D + cols
-    cx = tl.load(cx_ptr + b)
-    cv = tl.load(cv_ptr + b)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x_next = tl.load(x_next_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    grad = tl.load(a_ptr + b) * (x_next - (cx * x + cv * v))  # mean recomputed, never stored
+    v, diff = _load_residual(v_ptr, x_ptr, x_next_ptr, cx_ptr, cv_ptr, b, offs, mask)
+    grad = tl.load(a_ptr + b) * diff  # mean recomputed, never stored
     if HAS_REF:
         v_ref = tl.load(v_ref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         grad += tl.load(c_ptr + b) * (v - v_ref)

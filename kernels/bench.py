@@ -6,7 +6,7 @@
 Paths timed, forward and forward+backward (backward = gradient w.r.t. the model output v):
   triton  the fused kernels (kernels.gaussian_step, backend="triton"); needs a CUDA GPU to time
   torch   the fp32 torch reference the tests pin (gaussian_step_logprob_torch, via backend="torch")
-  naive   the eager formula as Flow-GRPO / DDPO write it, which is progrpo.step_logprob_torch (what
+  eager   the eager formula as Flow-GRPO / DDPO write it, which is progrpo.step_logprob_torch (what
           progrpo.py runs without kernels/): upcast, step mean, log-density, mean over dims, and the
           KL through a second step mean from the reference output
 Presets: sd35 = flow SDE step with KL (beta = 0.01 in Flow-GRPO), B in {12, 24, 48}, latents 16x64x64;
@@ -53,7 +53,7 @@ def make_case(sampler, batch, latent, dtype, device, use_kl):
         paths = {
             "triton": lambda v: sde_logprob(v, x, x_next, *sched, v_ref=v_ref, backend="triton"),
             "torch": lambda v: sde_logprob(v, x, x_next, *sched, v_ref=v_ref, backend="torch"),
-            "naive": lambda v: progrpo.step_logprob_torch(dict(sigma=sigma, sigma_next=sigma_next), rows, v, x, x_next, 0.7, v_ref),
+            "eager": lambda v: progrpo.step_logprob_torch(dict(sigma=sigma, sigma_next=sigma_next), rows, v, x, x_next, 0.7, v_ref),
         }
     else:  # SD-v1.4 scaled-linear betas, DDIM step t = 501 -> 481, eta 1
         alphas_cumprod = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0)
@@ -61,7 +61,7 @@ def make_case(sampler, batch, latent, dtype, device, use_kl):
         paths = {
             "triton": lambda v: ddim_logprob(v, x, x_next, *sched, eps_ref=v_ref, backend="triton"),
             "torch": lambda v: ddim_logprob(v, x, x_next, *sched, eps_ref=v_ref, backend="torch"),
-            "naive": lambda v: progrpo.step_logprob_torch(dict(alpha_prod_t=sched[0], alpha_prod_t_prev=sched[1]), rows, v, x, x_next, 1.0),
+            "eager": lambda v: progrpo.step_logprob_torch(dict(alpha_prod_t=sched[0], alpha_prod_t_prev=sched[1]), rows, v, x, x_next, 1.0),
         }
     return v.requires_grad_(), paths
 

@@ -379,7 +379,7 @@ def test_group_advantages_reference_equals_progrpo(progrpo, global_std):
 # ---- benchmark smoke run --------------------------------------------------------------------------------
 
 def test_bench_quick_runs():
-    """`python -m kernels.bench --quick` exits 0 and prints the table rows for the torch and naive paths."""
+    """`python -m kernels.bench --quick` exits 0 and prints the table rows for the torch and eager paths."""
     out = run_python("-m", "kernels.bench", "--quick")
     assert out.returncode == 0, out.stderr
-    assert " naive " in out.stdout and " torch " in out.stdout
+    assert " eager " in out.stdout and " torch " in out.stdout
