@@ -231,7 +231,7 @@ def ddim_step_with_logprob(eps, x, alpha_prod_t, alpha_prod_t_prev, eta, prev_sa
     """
     eps, x = eps.float(), x.float()
     a_t, a_prev = _per_sample(alpha_prod_t, x), _per_sample(alpha_prod_t_prev, x)
-    x0_hat = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    x0_hat = project_x0_ddim(x, eps, alpha_prod_t)
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     std_dev_t = eta * variance.sqrt()
     mean = a_prev.sqrt() * x0_hat + (1 - a_prev - std_dev_t**2).sqrt() * eps
@@ -429,6 +429,15 @@ def clip_preprocess(images, size, mean, std):
     return (images - torch.tensor(mean, device=images.device).view(1, 3, 1, 1)) / torch.tensor(std, device=images.device).view(1, 3, 1, 1)
 
 
+def clip_cosine(model, pixels, text_inputs):
+    """(N,) cosine of a transformers CLIPModel's image and text embeddings; text_inputs: tokenizer output."""
+    image_embeds = model.get_image_features(pixel_values=pixels)
+    text_embeds = model.get_text_features(**text_inputs)
+    # transformers 5 returns model outputs whose pooler_output is the projected embedding; 4.x a tensor
+    image_embeds, text_embeds = (e if torch.is_tensor(e) else e.pooler_output for e in (image_embeds, text_embeds))
+    return (F.normalize(image_embeds, dim=-1) * F.normalize(text_embeds, dim=-1)).sum(-1)
+
+
 class ClipScore:
     """A CLIP model through transformers scoring image-prompt agreement: cos(image, text) embeddings.
 
@@ -449,11 +458,7 @@ class ClipScore:
         device, config = self.model.device, self.processor.image_processor
         pixels = clip_preprocess(images.to(device), config.crop_size["height"], config.image_mean, config.image_std)
         text = self.processor.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt").to(device)
-        image_embeds = self.model.get_image_features(pixel_values=pixels)
-        text_embeds = self.model.get_text_features(**text)
-        # transformers 5 returns model outputs whose pooler_output is the projected embedding; 4.x a tensor
-        image_embeds, text_embeds = (e if torch.is_tensor(e) else e.pooler_output for e in (image_embeds, text_embeds))
-        cos = (F.normalize(image_embeds, dim=-1) * F.normalize(text_embeds, dim=-1)).sum(-1)
+        cos = clip_cosine(self.model, pixels, text)
         return (self.model.logit_scale.exp() * cos if self.logit_scaled else cos).float().cpu()
 
 
@@ -803,6 +808,14 @@ def ovf_rows(rewards, k):
     return torch.cat([p * n + ovf_select(r, k) for p, r in enumerate(rewards)])
 
 
+def record_prune(audit, step, live, keep, scores, G):
+    """Adds to every prompt's audit the members alive at `step`, their (B, n) scores, and the members kept."""
+    B = len(audit)
+    members, kept = (live.view(B, -1) % G).tolist(), (live[keep].view(B, -1) % G).tolist()
+    for p, a in enumerate(audit):
+        a["checkpoints"].append(dict(step=step, members=members[p], proxy=scores[p].tolist(), kept=kept[p]))
+
+
 def group_std(rewards):
     """Mean over prompts of the within-group population std of (B, n) rewards."""
     return rewards.std(1, correction=0).mean().item()
@@ -843,9 +856,7 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids=No
             proxy = score(pipe, project_x0(sched, steps, x, out), [prompts[p] for p in live // G], reward_fn,
                           args, stats).view(B, -1)  # (B, n_live / B)
             keep = ovf_rows(proxy, keep_at[i])
-            members, kept = (live.view(B, -1) % G).tolist(), (live[keep].view(B, -1) % G).tolist()
-            for p in range(B):
-                audit[p]["checkpoints"].append(dict(step=i, members=members[p], proxy=proxy[p].tolist(), kept=kept[p]))
+            record_prune(audit, i, live, keep, proxy, G)
             aside = [r for r in sorted(set(range(len(live))) - set(keep.tolist()))
                      if audit_draw(args.seed, epoch, prompt_ids[int(live[r]) // G], int(live[r]) % G) < args.audit_fraction]
             if aside:
@@ -860,9 +871,7 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids=No
     rewards = score(pipe, x, [prompts[p] for p in live // G], reward_fn, args, stats)
     if args.ovf_after_sampling:  # the paper's static OVF: prune once, on true final rewards (audited as step T)
         keep = ovf_rows(rewards.view(B, -1), args.ovf_after_sampling)
-        members, kept = (live.view(B, -1) % G).tolist(), (live[keep].view(B, -1) % G).tolist()
-        for p in range(B):
-            audit[p]["checkpoints"].append(dict(step=T, members=members[p], proxy=rewards.view(B, -1)[p].tolist(), kept=kept[p]))
+        record_prune(audit, T, live, keep, rewards.view(B, -1), G)
         live, rewards = live[keep], rewards[keep]
         latents, log_probs = [l[keep] for l in latents], [lp[keep] for lp in log_probs]
     for p in range(B):
@@ -1255,7 +1264,8 @@ def main(args):
         flops = epoch_flops(per_call, args, schedule)
         last = epoch == args.num_epochs - 1 or 0 < args.max_flops <= (epoch + 1) * flops["total"]
         # TRY NOT TO MODIFY: gather every rank's groups, log, evaluate and save on rank 0
-        checksum = torch.stack([p.detach().double().sum() for p in params]).cpu()  # per tensor: equal on every rank
+        # per-tensor weight sums, equal on every rank when in sync (only under torchrun: .cpu() syncs the GPU)
+        checksum = torch.stack([p.detach().double().sum() for p in params]).cpu() if world > 1 else None
         parts = gather((samples["rewards"].view(len(prompts), -1), stats, audit, info, checksum))
         rewards = torch.cat([p[0] for p in parts])  # (B, K), rank-major order
         stats = {k: sum(p[1][k] for p in parts) for k in stats}  # NFE, decodes, reward calls
@@ -1515,9 +1525,7 @@ def clip_reward(clip):
         size = clip.config.vision_config.image_size  # any mean and std cost the same
         pixels = clip_preprocess(images, size, (0.5,) * 3, (0.5,) * 3)  # (N, 3, 224, 224)
         ids = torch.zeros(len(prompts), clip.config.text_config.max_position_embeddings, dtype=torch.long, device=images.device)
-        image_embeds, text_embeds = clip.get_image_features(pixel_values=pixels), clip.get_text_features(input_ids=ids)
-        image_embeds, text_embeds = (e if torch.is_tensor(e) else e.pooler_output for e in (image_embeds, text_embeds))
-        return clip.logit_scale.exp() * F.cosine_similarity(image_embeds, text_embeds, dim=-1)
+        return clip.logit_scale.exp() * clip_cosine(clip, pixels, dict(input_ids=ids))
     return reward_fn
 
 
