@@ -9,3 +9,13 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors through the interpreter
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny random SD3 and SD1 pipelines saved as diffusers folders (flow/, ddim/) with colour prompts."""
+    from repro.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny"))

@@ -41,18 +41,92 @@ fetch_pickscore_prompts() {  # Flow-GRPO ships the Pick-a-Pic v1 captions it tra
     done
 }
 
-fetch_hpsv2_prompts() {  # the HPSv2 benchmark prompts (4 styles x 800); every 8th is held out for evaluation
-    "$PY" -c "import open_clip, hpsv2" 2>/dev/null || "$PY" -m pip install -q open_clip_torch hpsv2
-    [ -s dataset/hpsv2/train.txt ] && return
-    mkdir -p dataset/hpsv2
-    "$PY" -c "
-import hpsv2
-prompts = [p.strip() for style in hpsv2.benchmark_prompts('all').values() for p in style]
-open('dataset/hpsv2/train.txt', 'w').write('\n'.join(prompts) + '\n')
-open('dataset/hpsv2/test.txt', 'w').write('\n'.join(prompts[::8]) + '\n')"
+fetch_hpsv2_prompts() {  # HPSv2.1's open_clip; train on HPDv2's training prompts, evaluate on the HPSv2 benchmark
+    # The reward needs only open_clip_torch: the prompts are plain files, so not the hpsv2 package, whose pins
+    # (pytest==7.2.0, protobuf<4) would downgrade this environment. A constraints file holds every package that
+    # requirements.txt names at its installed version, so pip cannot move one; the comparison after proves it.
+    local versions='import re, importlib.metadata as md
+for line in open("requirements.txt"):
+    name = re.match(r"\s*([A-Za-z0-9_.-]+)", line.split("#")[0])
+    found = name and list(md.distributions(name=name[1]))  # none: not installed here, nothing to keep
+    if found:
+        print(f"{name[1]}=={found[0].version}")'
+    if ! "$PY" -c "import open_clip" 2>/dev/null; then
+        local pins before
+        pins="$(mktemp)"
+        "$PY" -c "$versions" > "$pins"
+        before="$(cat "$pins")"
+        if ! "$PY" -m pip install -q -c "$pins" open_clip_torch; then
+            rm -f "$pins"
+            echo "error: open_clip_torch cannot install beside the requirements.txt versions (pip says why above)" >&2
+            exit 2
+        fi
+        rm -f "$pins"
+        if [ "$("$PY" -c "$versions")" != "$before" ]; then
+            echo "error: installing open_clip_torch changed what requirements.txt asks for:" \
+                "$(diff <(echo "$before") <("$PY" -c "$versions") | grep '^[<>]' | tr '\n' ' ')" >&2
+            exit 2
+        fi
+    fi
+    if ! "$PY" -c "import open_clip" 2>/dev/null; then
+        echo "error: open_clip does not import (often torchvision not matching torch): $PY -c 'import open_clip'" >&2
+        exit 2
+    fi
+    # Sources: DanceGRPO trains SD-v1.4 on assets/prompts.txt (HPDv2's training prompts, one a line); the benchmark
+    # is HPDv2's benchmark/{anime,concept-art,paintings,photo}.json (800 prompts each, a JSON list of strings),
+    # the files hpsv2.benchmark_prompts() reads.
+    mkdir -p dataset/hpsv2/raw
+    local name url hpd=https://huggingface.co/datasets/zhwang/HPDv2/resolve/main/benchmark
+    for name in prompts.txt anime.json concept-art.json paintings.json photo.json; do
+        [ -s "dataset/hpsv2/raw/$name" ] && continue
+        url="$hpd/$name"
+        [ "$name" = prompts.txt ] && url=https://raw.githubusercontent.com/XueZeyue/DanceGRPO/main/assets/prompts.txt
+        if ! curl -fsSL --max-time 300 "$url" -o "dataset/hpsv2/raw/$name"; then
+            rm -f "dataset/hpsv2/raw/$name"
+            echo "error: could not download $name; get it with: curl -fsSL $url -o dataset/hpsv2/raw/$name" >&2
+            exit 2
+        fi
+    done
+    # train.txt: the training prompts less any benchmark prompt; test.txt: the benchmark with the four styles
+    # interleaved, so --num_eval_prompts N takes N/4 of each. Then refuse files that share a prompt (compared
+    # case- and whitespace-blind), such as an older run.sh's, which trained on the benchmark itself.
+    "$PY" - <<'EOF'
+import json, os, sys
+from itertools import chain, zip_longest
+d, key = "dataset/hpsv2", lambda p: " ".join(p.split()).casefold()
+if not (os.path.isfile(f"{d}/train.txt") and os.path.isfile(f"{d}/test.txt")):
+    styles = []
+    for style in ("anime", "concept-art", "paintings", "photo"):
+        try:
+            prompts = json.load(open(f"{d}/raw/{style}.json", encoding="utf-8"))
+            assert isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)
+        except (ValueError, AssertionError):
+            print(f"error: {d}/raw/{style}.json is not a JSON list of prompts; delete it and rerun", file=sys.stderr)
+            sys.exit(2)
+        styles.append([" ".join(p.split()) for p in prompts if p.strip()])
+    bench = [p for p in chain(*zip_longest(*styles)) if p is not None]
+    seen = {key(p) for p in bench}
+    lines = [" ".join(p.split()) for p in open(f"{d}/raw/prompts.txt", encoding="utf-8") if p.strip()]
+    train = [p for p in lines if key(p) not in seen]
+    open(f"{d}/train.txt", "w", encoding="utf-8").write("\n".join(train) + "\n")
+    open(f"{d}/test.txt", "w", encoding="utf-8").write("\n".join(bench) + "\n")
+    print(f"{d}: {len(train)} training prompts ({len(lines) - len(train)} benchmark prompts left out), "
+          f"{len(bench)} benchmark prompts for evaluation")
+train = {key(p) for p in open(f"{d}/train.txt", encoding="utf-8") if p.strip()}
+shared = [p.strip() for p in open(f"{d}/test.txt", encoding="utf-8") if key(p) in train]
+if shared:
+    print(f"error: {d}/train.txt and test.txt share {len(shared)} prompts (first: '{shared[0]}'); "
+          f"delete {d}/train.txt and {d}/test.txt and rerun to rebuild them", file=sys.stderr)
+    sys.exit(2)
+EOF
 }
 
-NPROC="${NPROC:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}"
+if [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then  # the GPUs this process may use, as torch counts them
+    visible=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .) || true
+else
+    visible=$( (nvidia-smi -L 2>/dev/null || true) | wc -l)
+fi
+NPROC="${NPROC:-$visible}"
 [ "$NPROC" -ge 1 ] || NPROC=1
 WORLD=$((NPROC * ${NNODES:-1}))
 launch() {  # torchrun over every visible GPU of every node; NPROC, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT honoured
@@ -64,41 +138,46 @@ launch() {  # torchrun over every visible GPU of every node; NPROC, NNODES, NODE
     fi
 }
 
-SD35=(--pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium --reward pickscore
+SD35=(--pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium --reward repro.scorers.PickScore
       --prompts dataset/pickscore/train.txt --eval_prompts dataset/pickscore/test.txt --mixed_precision fp16
       --resolution 512 --num_steps 10 --eval_steps 40 --noise_level 0.7 --guidance_scale 4.5 --prompts_per_epoch 48
       --learning_rate 3e-4 --clip_range 1e-4 --beta 0.01 --rank 32 --lora_alpha 64 --ema)
 
-SD14=(--pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 --reward hpsv2
+SD14=(--pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 --reward repro.scorers.HPSv2
       --prompts dataset/hpsv2/train.txt --eval_prompts dataset/hpsv2/test.txt --mixed_precision bf16
       --resolution 512 --num_steps 50 --eval_steps 50 --noise_level 1.0 --guidance_scale 5.0 --prompts_per_epoch $((4 * WORLD))
       --full_finetune --learning_rate 1e-5 --clip_range 1e-4 --beta 0 --sample_batch_size 16 --train_batch_size 4)
 
 case "$preset" in
     demo)
-        "$PY" progrpo.py --pretrained_model_name_or_path tiny --prompts demo --eval_prompts demo --reward colour \
+        [ -d outputs/tiny/flow ] || "$PY" -m repro.tiny outputs/tiny
+        "$PY" progrpo.py --pretrained_model_name_or_path outputs/tiny/flow --prompts outputs/tiny/train.txt \
+            --eval_prompts outputs/tiny/test.txt --reward repro.tiny.Colour \
             --resolution 16 --mixed_precision no --max_sequence_length 16 --num_epochs 150 --prompts_per_epoch 6 \
             --group_size 16 --prune 5:8,7:4 --sample_batch_size 32 --decode_batch_size 32 --train_batch_size 8 \
             --eval_steps 10 --eval_every 10 --checkpointing_steps 1000 --learning_rate 5e-3 --clip_range 1e-2 --beta 0 \
             --output_dir outputs/demo "$@"
         echo "pictures: outputs/demo/samples/*.png and outputs/demo/reward_curve.png; metrics: outputs/demo/metrics.jsonl"
         ;;
-    test)
-        HF_HUB_OFFLINE=1 "$PY" -m pytest -q test_progrpo.py kernels "$@"
+    test)  # open_clip's own code checks our HPSv2.1 scorer; --no-deps: its torchvision would not load beside CPU torch
+        "$PY" -c "import open_clip" 2>/dev/null || "$PY" -m pip install -q --no-deps open_clip_torch ftfy wcwidth
+        HF_HUB_OFFLINE=1 "$PY" -m pytest -q test_progrpo.py kernels repro "$@"
         ;;
     bench)
         "$PY" -m kernels.bench "$@"
         ;;
     compare)        # matched compute on the demo task: GRPO, expanded GRPO, static OVF, Pro-GRPO x 3 seeds (~20 min on 2 cores)
-        "$PY" progrpo.py --pretrained_model_name_or_path tiny --prompts demo --eval_prompts demo --reward colour \
+        [ -d outputs/tiny/flow ] || "$PY" -m repro.tiny outputs/tiny
+        "$PY" -m repro.compare --pretrained_model_name_or_path outputs/tiny/flow --prompts outputs/tiny/train.txt \
+            --eval_prompts outputs/tiny/test.txt --reward repro.tiny.Colour \
             --resolution 16 --mixed_precision no --max_sequence_length 16 --num_epochs 1000 --prompts_per_epoch 6 \
             --sample_batch_size 32 --decode_batch_size 32 --train_batch_size 8 --eval_steps 10 --eval_every 10 \
             --checkpointing_steps 100000 --learning_rate 5e-3 --clip_range 1e-2 --beta 0 \
-            --compare --compare_seeds 3 --max_flops 5e12 --output_dir outputs/compare "$@"
+            --seeds 3 --max_flops 5e12 --output_dir outputs/compare "$@"
         echo "report: outputs/compare/comparison.md and outputs/compare/comparison.png"
         ;;
     flops)          # per-epoch FLOPs of the presets for the real architectures, on the meta device (no weights)
-        HF_HUB_OFFLINE=1 "$PY" progrpo.py --flops_only "$@"
+        HF_HUB_OFFLINE=1 "$PY" -m repro.flops "$@"
         ;;
     sd35)           # Pro-GRPO: 48 -> 24 -> 12 at steps {5, 7}
         fetch_pickscore_prompts
@@ -122,7 +201,7 @@ case "$preset" in
         ;;
     sd14-multi)     # the paper's multi-objective run: HPSv2.1 + CLIP score
         fetch_hpsv2_prompts
-        launch "${SD14[@]}" --group_size 48 --prune 30:32,40:8 --reward hpsv2:1.0,clipscore:1.0 \
+        launch "${SD14[@]}" --group_size 48 --prune 30:32,40:8 --reward repro.scorers.HPSv2:1.0,repro.scorers.CLIPScore:1.0 \
             --output_dir outputs/sd14-multi "$@"
         ;;
     *)

@@ -24,6 +24,14 @@ metadata, imports whatever top-level `kernels` is on sys.path: this package, whe
 root. So importing it must never raise and must stay cheap: PROGRPO_KERNELS is validated at the first
 op call, triton is imported the first time a Triton kernel runs, and there is deliberately no
 `__version__` (transformers would take this package for the hub one).
+
+First-use self-check. The interpreter the CPU tests run accepts code the compiler rejects, and a
+compiled kernel can still be wrong on hardware no test has run on. So the first Triton call of each op
+in a process (on any device, the interpreter included) also evaluates the op's fp32 torch reference on
+the same inputs and compares forward and gradient with the tolerances the tests use; a mismatch raises
+RuntimeError naming the op, the dtype, the largest difference and the tolerance. After one pass the op
+is trusted for the rest of the process. Cost, once per op: one torch evaluation of the reference (for
+the log-prob a forward+backward, plus one more fused forward+backward on a copy of v).
 """
 
 import functools
@@ -80,6 +88,33 @@ def resolve_backend(device, backend=None) -> str:
     return "triton"
 
 
+_self_checked = set()  # ops whose first Triton result in this process matched the torch reference
+
+
+def self_check_pending(op) -> bool:
+    """Whether `op` still has to be compared with its torch reference in this process."""
+    return op not in _self_checked
+
+
+def verify_against_reference(op, dtype, checks):
+    """Raise RuntimeError unless every (name, triton, reference, rtol, atol) agrees; then trust `op`.
+
+    Agreement is elementwise |triton - reference| <= atol + rtol |reference| (atol may be a tensor), as
+    in torch.testing.assert_close. A failed op stays untrusted, so every later call checks (and raises) again.
+    """
+    for name, fused, ref, rtol, atol in checks:
+        diff = (fused.double() - ref.double()).abs()
+        tol = atol + rtol * ref.double().abs()
+        worst = torch.argmax(diff - tol)  # NaN in either side makes diff NaN, and argmax picks it
+        if not diff.flatten()[worst] <= tol.flatten()[worst]:
+            raise RuntimeError(
+                f"kernels self-check: Triton {op} ({dtype}) {name} differs from the torch reference: "
+                f"|triton - torch| = {diff.flatten()[worst].item():.3g} where the tolerance is "
+                f"{tol.flatten()[worst].item():.3g} (largest difference {diff.max().item():.3g}); this Triton "
+                "build is wrong on this device: set PROGRPO_KERNELS=torch and report it")
+    _self_checked.add(op)
+
+
 # The op modules import `resolve_backend` from this package, so they come after it.
 from .advantages import group_advantages, group_advantages_torch  # noqa: E402
 from .gaussian_step import ddim_logprob, gaussian_step_logprob_torch, sde_logprob  # noqa: E402
@@ -91,6 +126,8 @@ __all__ = [
     "group_advantages_torch",
     "resolve_backend",
     "sde_logprob",
+    "self_check_pending",
     "settings",
     "triton_available",
+    "verify_against_reference",
 ]

@@ -9,6 +9,8 @@ Then two kernels:
      group's mean and std (two passes, deterministic: no atomics, so the result is run-to-run exact).
      global_std runs it once more on the single segment [0, N).
   2. _normalize_kernel: elementwise over N, gathers its group's mean and std and writes adv.
+Launch table: fp32 rewards and statistics, int64 indices (what torch.unique and argsort return), BLOCK
+fixed and GLOBAL_STD in GLOBAL_STD_VALUES; `compile_configs()` enumerates it for the compile test.
 """
 
 import torch
@@ -16,6 +18,14 @@ import triton
 import triton.language as tl
 
 BLOCK = 128  # members per loop iteration / elements per normalize program; groups are ~8 to 48
+NUM_WARPS = 4  # Triton's default, passed explicitly so that the compile test builds what runs
+GLOBAL_STD_VALUES = (False, True)
+STATS_CONSTEXPRS = {"BLOCK": BLOCK}
+
+
+def normalize_constexprs(global_std):
+    """The constexpr arguments _normalize_kernel is launched with."""
+    return {"GLOBAL_STD": bool(global_std), "BLOCK": BLOCK}
 
 
 @triton.jit
@@ -47,6 +57,7 @@ def _group_stats_kernel(r_ptr, order_ptr, starts_ptr, mean_ptr, std_ptr, BLOCK: 
     tl.store(mean_ptr + g, mean)
     tl.store(std_ptr + g, std)
 
+
 @triton.jit
 def _normalize_kernel(r_ptr, inverse_ptr, mean_ptr, std_ptr, adv_ptr, N, eps, clip,
                       GLOBAL_STD: tl.constexpr, BLOCK: tl.constexpr):
@@ -64,6 +75,16 @@ def _normalize_kernel(r_ptr, inverse_ptr, mean_ptr, std_ptr, adv_ptr, N, eps, cl
     tl.store(adv_ptr + i, adv, mask=m)
 
 
+def compile_configs():
+    """Every (kernel, signature, constexprs, num_warps) group_advantages_triton can launch."""
+    types = {"r_ptr": "*fp32", "order_ptr": "*i64", "starts_ptr": "*i64", "inverse_ptr": "*i64", "mean_ptr": "*fp32",
+             "std_ptr": "*fp32", "adv_ptr": "*fp32", "N": "i32", "eps": "fp32", "clip": "fp32"}
+    launches = [(_group_stats_kernel, STATS_CONSTEXPRS)]
+    launches += [(_normalize_kernel, normalize_constexprs(g)) for g in GLOBAL_STD_VALUES]
+    for kernel, meta in launches:
+        yield kernel, {n: "constexpr" if n in meta else types[n] for n in kernel.arg_names}, meta, NUM_WARPS
+
+
 def group_advantages_triton(rewards, group_ids, eps, clip, global_std):
     r = rewards.detach().float().reshape(-1).contiguous()  # (N,)
     N, device = r.numel(), r.device
@@ -74,13 +95,14 @@ def group_advantages_triton(rewards, group_ids, eps, clip, global_std):
     starts[1:] = counts.cumsum(0)
     mean = torch.empty(num_groups, dtype=torch.float32, device=device)
     std = torch.empty(num_groups, dtype=torch.float32, device=device)
-    _group_stats_kernel[(num_groups,)](r, order, starts, mean, std, BLOCK=BLOCK)
+    _group_stats_kernel[(num_groups,)](r, order, starts, mean, std, **STATS_CONSTEXPRS, num_warps=NUM_WARPS)
     if global_std:  # replace the per-group stds by the std of the single segment [0, N)
         all_starts = torch.tensor([0, N], dtype=torch.int64, device=device)
         all_order = torch.arange(N, device=device)
         std = torch.empty(1, dtype=torch.float32, device=device)
-        _group_stats_kernel[(1,)](r, all_order, all_starts, torch.empty_like(std), std, BLOCK=BLOCK)
+        _group_stats_kernel[(1,)](r, all_order, all_starts, torch.empty_like(std), std, **STATS_CONSTEXPRS,
+                                  num_warps=NUM_WARPS)
     adv = torch.empty(N, dtype=torch.float32, device=device)
     _normalize_kernel[(triton.cdiv(N, BLOCK),)](r, inverse, mean, std, adv, N, float(eps), float(clip),
-                                                GLOBAL_STD=global_std, BLOCK=BLOCK)
+                                                **normalize_constexprs(global_std), num_warps=NUM_WARPS)
     return adv

@@ -11,17 +11,23 @@ global_std=True reproduces Flow-GRPO's baseline: mean per group, std over ALL N 
 every reward is equal). Output fp32 (N,). Variances are two-pass (mean first, then squared deviations):
 rewards such as PickScore sit near 22 with a spread below 1, where E[R^2] - E[R]^2 loses digits in fp32.
 
-The Triton kernels are in _advantages_triton.py, imported the first time the Triton backend runs.
+The Triton kernels are in _advantages_triton.py, imported the first time the Triton backend runs. The
+first Triton call of a process is compared with the reference (see kernels/__init__.py).
 """
 
 import torch
 
-from . import resolve_backend
+from . import resolve_backend, self_check_pending, verify_against_reference
+
+# Tolerance of fp32 advantages, used by the tests and by the first-use self-check alike: (R - mean) carries
+# a few ulps of the reward scale, divided by (std_g + eps); a group of two close rewards amplifies it.
+# Tolerance = ADV_ATOL + ADV_ULPS ulp(max |R|) / (std_g + eps), with ulp(r) taken as 2^-23 r.
+ADV_ATOL = 1e-6
+ADV_ULPS = 4
 
 
-def group_advantages_torch(rewards, group_ids, eps=1e-4, clip=5.0, global_std=False):
-    """The spec: fp32 (N,) advantages, vectorised over groups (see module docstring)."""
-    r = rewards.detach().float().reshape(-1)  # (N,)
+def _deviation_and_std(r, group_ids, global_std):
+    """(R_i - mean_g, std_g), fp32 (N,) each, vectorised over groups; std exactly 0 for constant groups."""
     _, inverse, counts = torch.unique(group_ids.reshape(-1).to(r.device), return_inverse=True, return_counts=True)
     num_groups = counts.numel()
     n = counts.float()  # (n_groups,)
@@ -29,14 +35,30 @@ def group_advantages_torch(rewards, group_ids, eps=1e-4, clip=5.0, global_std=Fa
     dev = r - mean[inverse]  # (N,)
     if global_std:
         std_all = torch.where(r.max() == r.min(), 0.0, ((r - r.mean()) ** 2).mean().sqrt())  # 0-d
-        std = std_all.expand(r.numel())
-    else:
-        var = torch.zeros(num_groups, device=r.device).index_add_(0, inverse, dev * dev) / n
-        hi = torch.full((num_groups,), -torch.inf, device=r.device).scatter_reduce_(0, inverse, r, "amax")
-        lo = torch.full((num_groups,), torch.inf, device=r.device).scatter_reduce_(0, inverse, r, "amin")
-        std = torch.where(hi == lo, 0.0, var.sqrt())[inverse]  # exactly 0 for constant groups
+        return dev, std_all.expand(r.numel())
+    var = torch.zeros(num_groups, device=r.device).index_add_(0, inverse, dev * dev) / n
+    hi = torch.full((num_groups,), -torch.inf, device=r.device).scatter_reduce_(0, inverse, r, "amax")
+    lo = torch.full((num_groups,), torch.inf, device=r.device).scatter_reduce_(0, inverse, r, "amin")
+    return dev, torch.where(hi == lo, 0.0, var.sqrt())[inverse]  # exactly 0 for constant groups
+
+
+def group_advantages_torch(rewards, group_ids, eps=1e-4, clip=5.0, global_std=False):
+    """The spec: fp32 (N,) advantages, vectorised over groups (see module docstring)."""
+    dev, std = _deviation_and_std(rewards.detach().float().reshape(-1), group_ids, global_std)
     adv = torch.where(std == 0, 0.0, dev / (std + eps))
     return adv.clamp(-clip, clip)
+
+
+def _self_check(adv, rewards, group_ids, eps, clip, global_std):
+    """First Triton call of the process: `adv` must equal the reference within ADV_ATOL + ADV_ULPS ulps.
+
+    Cost, once per process: one torch evaluation of the reference (a few hundred rewards).
+    """
+    r = rewards.detach().float().reshape(-1)
+    std = _deviation_and_std(r, group_ids, global_std)[1]
+    tol = ADV_ATOL + ADV_ULPS * 2**-23 * r.abs().max() / (std + eps)  # (N,)
+    ref = group_advantages_torch(rewards, group_ids, eps, clip, global_std)
+    verify_against_reference("group_advantages", rewards.dtype, [("adv", adv, ref, 0.0, tol)])
 
 
 def group_advantages(rewards, group_ids, eps=1e-4, clip=5.0, global_std=False, backend=None):
@@ -47,4 +69,7 @@ def group_advantages(rewards, group_ids, eps=1e-4, clip=5.0, global_std=False, b
         return group_advantages_torch(rewards, group_ids, eps, clip, global_std)
     from ._advantages_triton import group_advantages_triton  # imports triton on first use
 
-    return group_advantages_triton(rewards, group_ids, eps, clip, global_std)
+    adv = group_advantages_triton(rewards, group_ids, eps, clip, global_std)
+    if self_check_pending("group_advantages"):
+        _self_check(adv, rewards, group_ids, eps, clip, global_std)
+    return adv

@@ -6,9 +6,9 @@
 Paths timed, forward and forward+backward (backward = gradient w.r.t. the model output v):
   triton  the fused kernels (kernels.gaussian_step, backend="triton"); needs a CUDA GPU to time
   torch   the fp32 torch reference the tests pin (gaussian_step_logprob_torch, via backend="torch")
-  eager   the eager formula as Flow-GRPO / DDPO write it, which is progrpo.step_logprob_torch (what
-          progrpo.py runs without kernels/): upcast, step mean, log-density, mean over dims, and the
-          KL through a second step mean from the reference output
+  eager   the eager formula as Flow-GRPO / DDPO write it (sde_logprob_eager / ddim_logprob_eager, tested
+          equal to the reference and to progrpo.py's own step functions): upcast, step mean,
+          log-density, mean over dims, and the KL through a second step mean from the reference output
 Presets: sd35 = flow SDE step with KL (beta = 0.01 in Flow-GRPO), B in {12, 24, 48}, latents 16x64x64;
 sd14 = DDIM step without KL (beta = 0 in DanceGRPO), B in {4, 8}, latents 4x64x64; fp32 and bf16.
 
@@ -28,10 +28,8 @@ import time
 
 import torch
 
-import progrpo  # the eager path: progrpo.py's own step functions, what it runs with kernels/ deleted
-
 from . import triton_available
-from .gaussian_step import ddim_logprob, sde_logprob
+from .gaussian_step import ddim_logprob, ddim_logprob_eager, sde_logprob, sde_logprob_eager
 
 PRESETS = {  # name: (sampler, latent shape per sample, batch sizes, uses KL)
     "sd35": ("flow", (16, 64, 64), (12, 24, 48), True),
@@ -45,7 +43,6 @@ def make_case(sampler, batch, latent, dtype, device, use_kl):
     gen = torch.Generator().manual_seed(0)
     v, x, x_next, v_ref = (torch.randn((batch, *latent), generator=gen).to(device, dtype) for _ in range(4))
     v_ref = v_ref if use_kl else None
-    rows = torch.arange(batch, device=device)  # each sample reads its own row of the schedule
     if sampler == "flow":  # sigmas 5 -> 6 of SD3.5's T=10 schedule, noise level 0.7
         sigma = torch.full((batch,), 0.70728, device=device)
         sigma_next = torch.full((batch,), 0.60215, device=device)
@@ -53,7 +50,7 @@ def make_case(sampler, batch, latent, dtype, device, use_kl):
         paths = {
             "triton": lambda v: sde_logprob(v, x, x_next, *sched, v_ref=v_ref, backend="triton"),
             "torch": lambda v: sde_logprob(v, x, x_next, *sched, v_ref=v_ref, backend="torch"),
-            "eager": lambda v: progrpo.step_logprob_torch(dict(sigma=sigma, sigma_next=sigma_next), rows, v, x, x_next, 0.7, v_ref),
+            "eager": lambda v: sde_logprob_eager(v, x, x_next, *sched, v_ref=v_ref),
         }
     else:  # SD-v1.4 scaled-linear betas, DDIM step t = 501 -> 481, eta 1
         alphas_cumprod = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0)
@@ -61,7 +58,7 @@ def make_case(sampler, batch, latent, dtype, device, use_kl):
         paths = {
             "triton": lambda v: ddim_logprob(v, x, x_next, *sched, eps_ref=v_ref, backend="triton"),
             "torch": lambda v: ddim_logprob(v, x, x_next, *sched, eps_ref=v_ref, backend="torch"),
-            "eager": lambda v: progrpo.step_logprob_torch(dict(alpha_prod_t=sched[0], alpha_prod_t_prev=sched[1]), rows, v, x, x_next, 1.0),
+            "eager": lambda v: ddim_logprob_eager(v, x, x_next, *sched, eps_ref=v_ref),
         }
     return v.requires_grad_(), paths
 

@@ -21,31 +21,21 @@ import pytest  # noqa: E402
 import kernels  # noqa: E402
 from kernels import gaussian_step_logprob_torch, group_advantages, group_advantages_torch  # noqa: E402
 from kernels import ddim_logprob, sde_logprob  # noqa: E402
+from kernels import advantages, gaussian_step  # noqa: E402
+from kernels.advantages import ADV_ATOL, ADV_ULPS  # noqa: E402  (the tolerances the self-check uses too)
+from kernels.gaussian_step import FWD_ATOL, FWD_RTOL, GRAD_ATOL_SCALE, grad_tolerance  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "repro" / "reference"  # absent if kernels/ is copied alone
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 LOWP = (torch.float32, torch.bfloat16, torch.float16)
 # D = 315 (< one block, odd), 2048 (exactly two blocks), 3102 (three full blocks and a 30-element tail).
 SHAPES = [(3, 5, 7, 9), (2, 4, 16, 32), (3, 2, 33, 47)]
 
-# Forward: fp32 sums over D in a different order than torch differ by ~1e-7 relative; 1e-5 has 100x
-# headroom and still fails on any real bug (a dropped tail block, a wrong constant, a missing 1/D).
-FWD_RTOL = FWD_ATOL = 1e-5
-# Gradients are computed in fp32 and rounded once to v's dtype: the error is at most the unit roundoff
-# of that dtype (relative) plus fp32 noise, relative to the fp32 gradient of the same (rounded) inputs.
-# Triton's CPU interpreter truncates fp32 -> bf16 instead of rounding to nearest (compiled Triton rounds),
-# so there the bound for bf16 is one full ulp, 2^-7.
-BF16_ROUNDING = 2**-7 if INTERPRET else 2**-8
-GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: BF16_ROUNDING + 1e-5, torch.float16: 2**-11 + 1e-5}
-GRAD_ATOL_SCALE = 1e-6  # times max |grad|: absorbs fp32 cancellation in x_next - mean (and GPU FMA)
-FP16_SUBNORMAL_HALF_SPACING = 2**-25  # fp16 gradients below 2^-14 are subnormal, spaced 2^-24
+# The forward, gradient and advantage tolerances (and why they hold) are in gaussian_step.py and
+# advantages.py, so that the first-use self-check applies the same ones.
 BASELINE_TOL = 1e-5  # DESIGN.md: |ours - ref| <= 1e-5 (1 + |ref|)
-# fp32 advantages: (R - mean) carries a few ulps of the reward scale, divided by (std + eps); a group of
-# two close rewards amplifies it. Tolerance = ADV_ATOL + ADV_ULPS ulp(max |R|) / (std_g + eps).
-ADV_ATOL = 1e-6
-ADV_ULPS = 4
 
 
 def assert_within(ours, ref, tol):
@@ -83,8 +73,7 @@ def test_gaussian_step_triton_and_torch_lowp_match_fp32_reference(dtype, shape, 
         return log_prob, kl, grad
 
     ref_logp, ref_kl, ref_grad = run(v.float(), "torch", upcast=True)
-    grad_atol = GRAD_ATOL_SCALE * ref_grad.abs().max().item()
-    grad_atol += FP16_SUBNORMAL_HALF_SPACING if dtype == torch.float16 else 0.0
+    grad_rtol, grad_atol = grad_tolerance(dtype, ref_grad)
     for backend in ("torch", "triton"):
         log_prob, kl, grad = run(v, backend, upcast=False)
         assert log_prob.dtype == torch.float32 and log_prob.shape == (shape[0],)
@@ -95,7 +84,27 @@ def test_gaussian_step_triton_and_torch_lowp_match_fp32_reference(dtype, shape, 
         else:
             assert kl is None
         assert grad.dtype == dtype and grad.shape == v.shape
-        torch.testing.assert_close(grad.float(), ref_grad, rtol=GRAD_RTOL[dtype], atol=grad_atol)
+        torch.testing.assert_close(grad.float(), ref_grad, rtol=grad_rtol, atol=grad_atol)
+
+
+@pytest.mark.parametrize("v_dtype, x_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)])
+def test_triton_mixed_input_dtypes_match_fp32_reference(v_dtype, x_dtype):
+    """A bf16 output with fp32 latents (launched as is) and fp16 latents with an fp32 output (upcast) match the spec."""
+    gen = torch.Generator().manual_seed(12)
+    v, x, x_next, v_ref = (torch.randn(3, 2, 33, 47, generator=gen).to(DEVICE) for _ in range(4))
+    v, v_ref, x, x_next = v.to(v_dtype), v_ref.to(v_dtype), x.to(x_dtype), x_next.to(x_dtype)
+    sched = flow_schedule(3, gen)
+    results = []
+    for backend, cast in (("torch", lambda t: t.float()), ("triton", lambda t: t)):
+        v_in = cast(v).detach().requires_grad_()
+        log_prob, kl = sde_logprob(v_in, cast(x), cast(x_next), *sched, v_ref=cast(v_ref), backend=backend)
+        results.append((log_prob, kl, *torch.autograd.grad(log_prob.sum() + kl.sum(), v_in)))
+    (ref_logp, ref_kl, ref_grad), (log_prob, kl, grad) = results
+    torch.testing.assert_close(log_prob, ref_logp, rtol=FWD_RTOL, atol=FWD_ATOL)
+    torch.testing.assert_close(kl, ref_kl, rtol=FWD_RTOL, atol=FWD_ATOL)
+    assert grad.dtype == v_dtype
+    grad_rtol, grad_atol = grad_tolerance(v_dtype, ref_grad)
+    torch.testing.assert_close(grad.float(), ref_grad, rtol=grad_rtol, atol=grad_atol)
 
 
 def test_reference_gradient_is_the_closed_form():
@@ -125,8 +134,9 @@ def test_triton_accepts_non_contiguous_inputs():
     assert grad.shape == v.shape
 
 
-def test_eager_path_timed_by_bench_equals_the_reference():
-    """bench.py's eager path (progrpo.step_logprob_torch) gives the reference's log_prob and KL: like is timed with like."""
+def test_eager_path_timed_by_bench_equals_the_reference_and_progrpo():
+    """bench.py's eager baseline gives the reference's log_prob and KL (like is timed with like), and is the
+    formula progrpo.py runs without kernels/ (progrpo.step_logprob_torch), flow with KL and DDIM."""
     import progrpo
 
     gen = torch.Generator().manual_seed(3)
@@ -134,15 +144,22 @@ def test_eager_path_timed_by_bench_equals_the_reference():
     sigma, sigma_next, std_dev_t = flow_schedule(3, gen)  # std_dev_t is Flow-GRPO's for noise level 0.7
     rows = torch.arange(3, device=DEVICE)
     ours = sde_logprob(v, x, x_next, sigma, sigma_next, std_dev_t, v_ref=v_ref, backend="torch")
-    eager = progrpo.step_logprob_torch(dict(sigma=sigma, sigma_next=sigma_next), rows, v, x, x_next, 0.7, v_ref)
-    for a, b in zip(ours, eager):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    eager = gaussian_step.sde_logprob_eager(v, x, x_next, sigma, sigma_next, std_dev_t, v_ref=v_ref)
+    theirs = progrpo.step_logprob_torch(dict(sigma=sigma, sigma_next=sigma_next), rows, v, x, x_next, 0.7, v_ref)
+    for a, b, c in zip(ours, eager, theirs):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5)
     a_t, a_prev = torch.tensor([0.05, 0.3, 0.6], device=DEVICE), torch.tensor([0.06, 0.33, 0.65], device=DEVICE)
-    eager = progrpo.step_logprob_torch(dict(alpha_prod_t=a_t, alpha_prod_t_prev=a_prev), rows, v, x, x_next, 1.0)
-    torch.testing.assert_close(ddim_logprob(v, x, x_next, a_t, a_prev, 1.0, backend="torch")[0], eager[0], rtol=1e-5, atol=1e-5)
+    ours = ddim_logprob(v, x, x_next, a_t, a_prev, 1.0, eps_ref=v_ref, backend="torch")
+    eager = gaussian_step.ddim_logprob_eager(v, x, x_next, a_t, a_prev, 1.0, eps_ref=v_ref)
+    theirs = progrpo.step_logprob_torch(dict(alpha_prod_t=a_t, alpha_prod_t_prev=a_prev), rows, v, x, x_next, 1.0,
+                                        v_ref)
+    for a, b, c in zip(ours, eager, theirs):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5)
 
 
-# ---- the baselines' own step functions (shared/reference/baseline_steps.pt) -------------------------
+# ---- the baselines' own step functions (repro/reference/baseline_steps.pt) -------------------------
 
 @pytest.fixture(scope="module")
 def baseline():
@@ -186,8 +203,8 @@ def test_ddim_gradient_and_kl_backends_agree(baseline):
     results = []
     for backend in ("torch", "triton"):
         e = eps.clone().requires_grad_()
-        log_prob, kl = ddim_logprob(e, x, x_next, case["alpha_prod_t"].to(DEVICE), case["alpha_prod_t_prev"].to(DEVICE),
-                                    case["eta"], eps_ref=eps_ref, backend=backend)
+        a_t, a_prev = case["alpha_prod_t"].to(DEVICE), case["alpha_prod_t_prev"].to(DEVICE)
+        log_prob, kl = ddim_logprob(e, x, x_next, a_t, a_prev, case["eta"], eps_ref=eps_ref, backend=backend)
         results.append((kl, *torch.autograd.grad(log_prob.sum() + 10 * kl.sum(), e)))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=FWD_RTOL, atol=FWD_ATOL)
     scale = results[0][1].abs().max().item()
@@ -280,7 +297,12 @@ CALL = ("import torch, kernels\n"
         "v = torch.randn(2, 3, 4, requires_grad=True)\n"
         "log_prob, _ = kernels.sde_logprob(v, v.detach(), v.detach(), torch.tensor([.5, .4]), "
         "torch.tensor([.4, .3]), torch.tensor([.6, .7]){backend})\n"
-        "print(type(log_prob.grad_fn).__name__)\n")
+        "graph, seen = [log_prob.grad_fn], []\n"  # every autograd node the log-prob depends on
+        "while graph:\n"
+        "    node = graph.pop()\n"
+        "    seen.append(type(node).__name__)\n"
+        "    graph += [n for n, _ in node.next_functions if n is not None]\n"
+        "print('fused' if 'GaussianStepSumsBackward' in seen else 'unfused')\n")
 
 
 def test_env_torch_selects_torch_and_env_triton_selects_triton():
@@ -288,11 +310,10 @@ def test_env_torch_selects_torch_and_env_triton_selects_triton():
     out = run_python("-c", CALL.format(backend="") + "print(kernels.resolve_backend('cuda'))",
                      PROGRPO_KERNELS="torch", TRITON_INTERPRET="1")
     assert out.returncode == 0, out.stderr
-    grad_fn, resolved = out.stdout.split()
-    assert "GaussianStep" not in grad_fn and resolved == "torch"
+    assert out.stdout.split() == ["unfused", "torch"]
     out = run_python("-c", CALL.format(backend=""), PROGRPO_KERNELS="triton", TRITON_INTERPRET="1")
     assert out.returncode == 0, out.stderr
-    assert "GaussianStepLogProbBackward" in out.stdout
+    assert out.stdout.split() == ["fused"]
 
 
 def test_impossible_triton_request_raises():
@@ -383,3 +404,96 @@ def test_bench_quick_runs():
     out = run_python("-m", "kernels.bench", "--quick")
     assert out.returncode == 0, out.stderr
     assert " eager " in out.stdout and " torch " in out.stdout
+
+
+# ---- compiled for real GPUs (no GPU needed) -------------------------------------------------------------
+
+def test_kernels_compile_for_sm80_and_sm90(tmp_path):
+    """Every launch configuration of every Triton kernel builds to PTX and a cubin for sm_80 and sm_90.
+
+    The interpreter the other tests use accepts code the compiler rejects, so this runs
+    `python -m kernels.compile_check` in a fresh process without TRITON_INTERPRET, with a cold cache.
+    """
+    from kernels import _advantages_triton, _gaussian_step_triton
+
+    expected = 2 * sum(len(list(m.compile_configs())) for m in (_gaussian_step_triton, _advantages_triton))
+    out = run_python("-m", "kernels.compile_check", "--cc", "80", "90", TRITON_CACHE_DIR=str(tmp_path),
+                     TRITON_DEFAULT_FP_FUSION="1")  # the JIT's default, stated to silence triton 3.9's warning
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"{expected}/{expected} kernel configurations compiled for sm_80, sm_90" in out.stdout
+    for kernel in ("_gaussian_step_fwd_kernel", "_gaussian_step_bwd_kernel", "_group_stats_kernel",
+                   "_normalize_kernel"):
+        for cc in (80, 90):
+            assert f"ok   sm_{cc} {kernel} " in out.stdout
+    assert list(tmp_path.rglob("*.cubin")), "no cubin in the cache: the compiler did not run"
+
+
+def test_compile_table_is_the_launch_table():
+    """The compile table covers bf16/fp16/fp32 with and without v_ref; the launcher maps any input dtypes into it."""
+    from kernels import _gaussian_step_triton as g
+
+    fwd = [(sig["v_ptr"], sig["x_ptr"], meta["HAS_REF"]) for k, sig, meta, _ in g.compile_configs()
+           if k is g._gaussian_step_fwd_kernel]
+    for v_type in ("*fp32", "*bf16", "*fp16"):
+        for has_ref in (False, True):
+            assert (v_type, v_type, has_ref) in fwd and (v_type, "*fp32", has_ref) in fwd
+    launched = {g.launch_dtypes(a, b) for a in g.DTYPES for b in g.DTYPES}
+    assert {("*" + g.DTYPES[v], "*" + g.DTYPES[x]) for v, x in launched} == {(v, x) for v, x, _ in fwd}
+    with pytest.raises(ValueError, match="use backend='torch'"):
+        g.launch_dtypes(torch.float64, torch.float32)
+
+
+# ---- first-use self-check ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def fresh_process(monkeypatch):
+    """As in a new process: no op has passed its self-check yet (restored after the test)."""
+    monkeypatch.setattr(kernels, "_self_checked", set())
+
+
+def step_inputs(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(11)
+    v, x, z, v_ref = (torch.randn(3, 5, 7, 9, generator=gen).to(DEVICE, dtype) for _ in range(4))
+    return v.requires_grad_(), x, (x.float() + 0.3 * z.float()).to(dtype), v_ref, flow_schedule(3, gen)
+
+
+def test_self_check_runs_once_per_op_and_passes_on_the_real_kernels(fresh_process, monkeypatch):
+    """The first Triton call of each op evaluates the torch reference once; later calls trust the kernel."""
+    calls = []
+    for module, name in ((gaussian_step, "gaussian_step_logprob_torch"), (advantages, "group_advantages_torch")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    v, x, x_next, v_ref, sched = step_inputs(torch.bfloat16)
+    for _ in range(3):
+        log_prob, kl = sde_logprob(v, x, x_next, *sched, v_ref=v_ref, backend="triton")
+        (log_prob.sum() + kl.sum()).backward()
+    rewards, ids = random_groups(12)
+    for _ in range(3):
+        group_advantages(rewards, ids, backend="triton")
+    assert calls == ["gaussian_step_logprob_torch", "group_advantages_torch"]
+    assert not kernels.self_check_pending("gaussian_step") and not kernels.self_check_pending("group_advantages")
+
+
+def test_self_check_raises_on_a_wrong_forward_gradient_or_advantage(fresh_process, monkeypatch):
+    """A kernel result off by 0.1% (forward sum, gradient or advantage) raises, naming op, dtype, error, tolerance."""
+    from kernels import _advantages_triton, _gaussian_step_triton
+
+    v, x, x_next, v_ref, sched = step_inputs()
+    fused = _gaussian_step_triton.GaussianStepSums
+    real_apply, real_backward = fused.apply, fused.backward
+    monkeypatch.setattr(fused, "apply", lambda *a: tuple(1.001 * t for t in real_apply(*a)))
+    message = (r"Triton gaussian_step \(torch.float32\) log_prob differs from the torch reference: "
+               r"\|triton - torch\| = [0-9.e-]+ where the tolerance is [0-9.e-]+ \(largest difference [0-9.e-]+\)")
+    with pytest.raises(RuntimeError, match=message):
+        sde_logprob(v, x, x_next, *sched, v_ref=v_ref, backend="triton")
+    assert kernels.self_check_pending("gaussian_step")  # a failed op is not trusted: the next call checks again
+    monkeypatch.setattr(fused, "apply", real_apply)
+    monkeypatch.setattr(fused, "backward", staticmethod(lambda ctx, *g: (1.001 * real_backward(ctx, *g)[0],)
+                                                         + (None,) * 5))
+    with pytest.raises(RuntimeError, match=r"gaussian_step \(torch.float32\) grad_v differs"):
+        sde_logprob(v, x, x_next, *sched, v_ref=v_ref, backend="triton")
+    real_adv = _advantages_triton.group_advantages_triton
+    monkeypatch.setattr(_advantages_triton, "group_advantages_triton", lambda *a: real_adv(*a) * 1.001)
+    rewards, ids = random_groups(13)
+    with pytest.raises(RuntimeError, match=r"group_advantages \(torch.float32\) adv differs"):
+        group_advantages(rewards, ids, backend="triton")

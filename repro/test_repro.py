@@ -1,0 +1,154 @@
+"""Tests for the paper's analytics in repro/: FLOP accounting, the matched-compute harness, diagnostics.
+
+CPU only, offline; each test says in its docstring the one property it pins.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+import progrpo
+import repro.tiny as tiny_models
+from repro import compare, diagnostics, flops
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)
+
+
+def tiny_args(**overrides):
+    base = dict(pretrained_model_name_or_path="", resolution=16, num_steps=6, group_size=6, prune="2:4,4:3",
+                prompts_per_epoch=2, sample_batch_size=5, decode_batch_size=4, train_batch_size=4, guidance_scale=4.5,
+                max_sequence_length=16, reward="repro.tiny.Colour", updates_per_epoch=1, clip_range=1e-4, beta=0.01,
+                rank=4, lora_alpha=8, mixed_precision="no")
+    return progrpo.Args(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    pipe = progrpo.load_pipeline(str(tiny_dir / "flow"), torch.float32)
+    params = progrpo.trainable_parameters(pipe, tiny_args())
+    prompts = ["a red cat", "a blue dog"]
+    return pipe, params, prompts, progrpo.encode_prompts(pipe, prompts, 16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compute accounting
+# ---------------------------------------------------------------------------------------------------
+
+def test_cpu_attention_is_counted():
+    """The CPU attention kernel, which torch's counter does not know, counts 4 b h s^2 d like the GPU ones."""
+    q = torch.randn(2, 3, 10, 8)
+    assert flops.count_flops(torch.nn.functional.scaled_dot_product_attention, q, q, q)[1] == 4 * 2 * 3 * 10 * 10 * 8
+
+
+def test_sampling_and_update_flops_are_per_call_times_counts(tiny):
+    """FLOPs counted over a whole rollout and update = the schedule's counts x per-call FLOPs: no hidden calls."""
+    pipe, params, prompts, text = tiny
+    args = tiny_args()
+    colour = tiny_models.colour_reward
+    per_call = flops.call_flops(pipe, colour, text, prompts[0], args)
+    schedule = progrpo.parse_prune_schedule(args.prune, args.num_steps, args.group_size)
+    (samples, stats, _), counted = flops.count_flops(progrpo.rollout, pipe, text, prompts, colour, args, 0, schedule)
+    nfe = len(prompts) * sum(progrpo.live_counts(args.num_steps, args.group_size, schedule))  # 2 (3*6 + 2*4 + 3) = 58
+    assert per_call["model"] > 0 and per_call["decode"] > 0 and per_call["reward"] == 0  # colour has no matmul
+    assert counted - stats["decodes"] * per_call["decode"] == nfe * per_call["model"]
+    epoch = flops.epoch_flops(per_call, args, schedule)
+    assert counted == epoch["sampling"] + epoch["checkpoints"] + epoch["final"] and epoch["nfe"] * 2 == nfe == 58
+    adv = progrpo.group_advantages(samples["rewards"], samples["prompt_idx"])
+    optimizer = torch.optim.SGD(params, lr=0.0)  # the weights' values do not change FLOPs
+    _, counted = flops.count_flops(progrpo.train_epoch, pipe, params, optimizer, NO_SCALER, samples, adv, text, args, 0)
+    assert per_call["model"] < per_call["train"] < 3 * per_call["model"] and per_call["reference"] < per_call["model"]
+    assert counted == epoch["update"] == 2 * 3 * 5 * (per_call["train"] + per_call["reference"])
+
+
+def test_flops_table_builds_for_the_real_architectures():
+    """SD3.5-M and SD-v1.4 on meta, offline: the paper's per-image costs, its NFE counts, its ordering and scale."""
+    real = flops.preset_flops(ROOT / "configs")
+    TERA, paper = 1e12, flops.PAPER_TFLOPS
+    nfe = {"sd35": 360, "sd35-flash": 200, "sd35-baseline": 240, "sd14": 1880, "sd14-baseline": 800}
+    assert {n: r["nfe"] for n, r in real.items()} == nfe
+    pc = real["sd35"]["per_call"]
+    assert abs(pc["decode"] / TERA / flops.PAPER_DECODE_TFLOPS - 1) < 0.03  # the SD3 VAE decoder at 512 px: 2.51 vs 2.49
+    assert abs(pc["reward_image"] / TERA / flops.PAPER_REWARD_TFLOPS - 1) < 0.03  # CLIP-H's image tower: 0.335 vs 0.34
+    total = {n: r["total"] / TERA for n, r in real.items()}
+    assert total["sd35-baseline"] > total["sd35"] > total["sd35-flash"]
+    # what runs (LoRA backward ~1 forward) is 0.44-0.48 of Table 4; the 6N-rule update is within a factor 2
+    assert all(0.4 < total[n] / paper[n] < 1 for n in paper)
+    variants = flops.accounting_variants(real)
+    full = next(v for label, v in variants.items() if label.startswith("update = 3 forwards"))
+    assert all(0.5 < full[n] / TERA / paper[n] < 2 for n in paper)
+    assert any(all(abs(v[n] / TERA / paper[n] - 1) < 0.1 for n in paper) for v in variants.values())
+    table = flops.flops_table(real)
+    assert all(f"| {n} |" in table for n in real) and "335,627" in table
+
+
+# ---------------------------------------------------------------------------------------------------
+# The matched-compute comparison
+# ---------------------------------------------------------------------------------------------------
+
+def comparison_args(tiny_dir, **overrides):
+    base = dict(pretrained_model_name_or_path=str(tiny_dir / "flow"), prompts=str(tiny_dir / "train.txt"),
+                eval_prompts=str(tiny_dir / "test.txt"), reward="repro.tiny.Colour", resolution=16, mixed_precision="no",
+                max_sequence_length=16, num_epochs=1, prompts_per_epoch=2, sample_batch_size=32, decode_batch_size=32,
+                train_batch_size=8, eval_steps=4, eval_every=1, checkpointing_steps=1000, learning_rate=5e-3,
+                clip_range=1e-2, beta=0.0, num_eval_prompts=3)
+    return progrpo.Args(**{**base, **overrides})
+
+
+def test_budget_sets_the_epochs(tiny_dir):
+    """A method's FLOPs per epoch are counted once; the budget buys ceil(budget / per epoch) epochs."""
+    args = dataclasses.replace(comparison_args(tiny_dir), **compare.COMPARE_METHODS["pro-grpo"])
+    per_epoch = compare.epoch_total_flops(args)
+    grpo = compare.epoch_total_flops(dataclasses.replace(comparison_args(tiny_dir), **compare.COMPARE_METHODS["grpo"]))
+    assert per_epoch > grpo > 0  # expand 16 -> 4 costs more per epoch than a plain group of 8 here
+
+
+def test_comparison_harness_runs(tmp_path, tiny_dir):
+    """`run.sh compare` in miniature (1 seed, one epoch each): four methods, a report and its plot."""
+    compare.compare(comparison_args(tiny_dir, output_dir=str(tmp_path)), seeds=1, max_flops=1.0)
+    report = (tmp_path / "comparison.md").read_text()
+    assert all(f"| {name} | 1 |" in report for name in compare.COMPARE_METHODS) and (tmp_path / "comparison.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Diagnostics: proxy fidelity and reward clustering
+# ---------------------------------------------------------------------------------------------------
+
+def test_audit_replay_gives_every_pruned_members_final_reward(tiny):
+    """audit_rollout fills in every pruned member's final reward, equal to the unpruned run's (one trajectory per
+    call: the same computation, bit for bit), and proxy fidelity is measurable on it."""
+    pipe, _, prompts, text = tiny
+    args = tiny_args(sample_batch_size=1, decode_batch_size=1, reward_batch_size=1)
+    audit, stats = diagnostics.audit_rollout(pipe, text, prompts, tiny_models.colour_reward, args, 2, [(2, 4), (4, 3)])
+    full, _, _ = progrpo.rollout(pipe, text, prompts, tiny_models.colour_reward, dataclasses.replace(args, prune="none"),
+                                 2, [])
+    assert stats["nfe"] == 58
+    for p, a in enumerate(audit):
+        finals = {**dict(zip(a["survivors"], a["final"])), **a["audited"]}
+        assert sorted(finals) == list(range(6))
+        assert [finals[m] for m in range(6)] == full["rewards"].view(2, 6)[p].tolist()
+        fidelity = diagnostics.proxy_fidelity([a], 0)
+        assert -1 <= fidelity["spearman"] <= 1 and fidelity["overlap"] is not None
+
+
+def test_proxy_fidelity_by_hand():
+    """Spearman, Kendall and kept-set overlap on a fixed case, against values computed by hand."""
+    checkpoint = dict(step=2, members=[0, 1, 2, 3, 4], proxy=[0.1, 0.4, 0.2, 0.9, 0.5], kept=[0, 3])
+    audit = [dict(checkpoints=[checkpoint], survivors=[0, 3], final=[1.0, 5.0], audited={1: 2.0, 2: 3.0, 4: 4.0})]
+    # proxy ranks 0 2 1 4 3, final ranks 0 1 2 4 3: d^2 = 0+1+1+0+0 = 2, rho = 1 - 6*2/(5*24) = 0.9
+    # 10 pairs, only (1, 2) discordant: tau = (9 - 1) / 10 = 0.8. Finals by member are 1, 2, 3, 5, 4: OVF keeps
+    # the lowest and the highest (members 0 and 3), so the overlap with kept {0, 3} is 1
+    f = diagnostics.proxy_fidelity(audit, 0)
+    assert f["spearman"] == pytest.approx(0.9) and f["kendall"] == pytest.approx(0.8) and f["overlap"] == 1.0
+    audit[0]["checkpoints"][0]["kept"] = [0, 1]
+    assert diagnostics.proxy_fidelity(audit, 0)["overlap"] == 0.5
+    assert diagnostics.kendall([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / (2 * 3) ** 0.5)  # tau-b with a tie
+
+
+def test_small_advantage_fraction():
+    """The clustering measure counts |A| < delta within each group."""
+    rewards = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0, 5.0]])  # A = -1.41 -0.71 0 0.71 1.41; 0
+    assert diagnostics.small_advantage_fraction(rewards, 0.5) == pytest.approx(6 / 10)
+    assert diagnostics.small_advantage_fraction(rewards, 0.75) == pytest.approx(8 / 10)
