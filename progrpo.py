@@ -84,6 +84,8 @@ import io
 import json
 import math
 import os
+import shutil
+import subprocess
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -137,6 +139,10 @@ class Args:
     eval_every: int = arg(10, "evaluate (ODE sampling, held-out prompts, sample grid) every N epochs; 0 = never")
     checkpointing_steps: int = arg(50, "write a resumable checkpoint every N epochs (weights are saved at the end)")
     resume_from_checkpoint: str = arg("", "'latest' (newest complete checkpoint in --output_dir) or a folder")
+    checkpoints_total_limit: int = arg(0, "keep at most N checkpoints, removing the oldest (0 = keep all)")
+    report_to: str = arg("none", "none | tensorboard | wandb: live metrics, eval grids, advantage histograms")
+    eval_only: str = arg("", "evaluate these weights (an output folder or checkpoint) on the held-out prompts; "
+                             "train nothing")
     # ALGO LOGIC: sampling
     resolution: int = arg(512, "image side in pixels")
     num_steps: int = arg(10, "T: SDE denoising steps per trajectory during training")
@@ -218,6 +224,12 @@ def validate(args):
     final = schedule[-1][1] if schedule else args.group_size
     if args.ovf_after_sampling and not 2 <= args.ovf_after_sampling < final:
         raise RunError(f"--ovf_after_sampling {args.ovf_after_sampling} must be in [2, {final}) (the group at the end)")
+    if args.report_to not in ("none", "tensorboard", "wandb"):
+        raise RunError(f"--report_to must be none, tensorboard or wandb (got '{args.report_to}')")
+    if args.checkpoints_total_limit < 0:
+        raise RunError(f"--checkpoints_total_limit must be at least 0 (got {args.checkpoints_total_limit})")
+    if args.eval_only and not any((Path(args.eval_only) / f).exists() for f in WEIGHT_FILES):
+        raise RunError(f"--eval_only '{args.eval_only}' holds no {', '.join(WEIGHT_FILES)}")
     if args.mixed_precision not in DTYPES:
         raise RunError(f"--mixed_precision must be no, fp16 or bf16 (got '{args.mixed_precision}')")
     if args.full_finetune and args.beta > 0:
@@ -757,6 +769,8 @@ def main(args):
     dtype = DTYPES[args.mixed_precision]
     reward_fn = build_reward(args.reward, device)
     pipe = load_pipeline(args.pretrained_model_name_or_path, dtype, args.full_finetune).to(device)
+    if args.eval_only:
+        return evaluate_saved(pipe, reward_fn, eval_prompts, args, out_dir)
     torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank
     params = trainable_parameters(pipe, args)
     if args.gradient_checkpointing:
@@ -768,8 +782,10 @@ def main(args):
     start_epoch, history = 0, []
     if checkpoint is not None:
         start_epoch, history = load_checkpoint(checkpoint, pipe, params, optimizer, scaler, ema)
+    log, close_log = make_logger(args, out_dir) if rank == 0 else (None, None)
     if rank == 0:  # only rank 0 writes files; a resumed run keeps the lines of the epochs it keeps
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        write_run_record(args, out_dir)
         for name in ("metrics.jsonl", "prune_audit.jsonl"):
             lines = (out_dir / name).read_text().splitlines() if (out_dir / name).exists() else []
             kept = [line for line in lines if json.loads(line)["epoch"] < start_epoch]
@@ -782,7 +798,9 @@ def main(args):
                f"{len(train_prompts)} prompts")
     log0(rank, f"per prompt: {args.group_size} started -> {survivors} trained; live per step {alive}; "
                f"NFE {sum(alive)} per group vs {dense} unpruned ({1 - sum(alive) / dense:.0%} saved)")
-    for epoch in range(start_epoch, args.num_epochs):
+    epochs = tqdm(range(start_epoch, args.num_epochs), desc="epochs", initial=start_epoch, total=args.num_epochs,
+                  disable=rank != 0)
+    for epoch in epochs:
         # ALGO LOGIC: 1-5 sample, prune, score. Each rank owns whole prompt groups: prompts rank, rank + world, ...
         g = torch.Generator().manual_seed(trajectory_seed(args.seed, epoch, "prompts", 0))
         pick = torch.randperm(len(train_prompts), generator=g)
@@ -817,23 +835,29 @@ def main(args):
             if world > 1:  # 0 when every rank holds the same weights after the epoch's optimiser steps
                 metrics["dist/weight_spread"] = max((p[5] - parts[0][5]).abs().max().item() for p in parts)
             last = epoch == args.num_epochs - 1
+            grid = out_dir / "samples" / f"epoch_{epoch:04d}.png"
             if args.eval_every and (epoch % args.eval_every == 0 or last):
                 with ema_weights(params, ema):
-                    grid = out_dir / "samples" / f"epoch_{epoch:04d}.png"
                     metrics["eval/reward_mean"] = evaluate(pipe, reward_fn, eval_prompts, args, grid)
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             with open(out_dir / "prune_audit.jsonl", "a") as f:
                 f.writelines(json.dumps(dict(epoch=epoch, **a)) + "\n" for a in audit)
             history.append(metrics)
-            print(summary_line(metrics, args))
+            log(metrics, epoch, grid if "eval/reward_mean" in metrics else None, adv.cpu())
+            if "eval/reward_mean" in metrics:
+                plot_rewards(history, out_dir / "reward_curve.png")  # redrawn at every evaluation
+            epochs.write(summary_line(metrics, args))
             if (epoch + 1) % args.checkpointing_steps == 0:
                 save_checkpoint(out_dir / f"checkpoint-{epoch + 1}", epoch + 1, history, pipe, params, optimizer,
                                 scaler, ema, args)
+                remove_old_checkpoints(out_dir, args.checkpoints_total_limit)
     if rank == 0:
         with ema_weights(params, ema):
             save_weights(pipe, out_dir, args.full_finetune)
         plot_rewards(history, out_dir / "reward_curve.png")
+        write_model_card(args, out_dir, history)
+        close_log()
         print(f"done: metrics {out_dir / 'metrics.jsonl'}, audit {out_dir / 'prune_audit.jsonl'}, grids "
               f"{out_dir / 'samples'}, curve {out_dir / 'reward_curve.png'}, weights in {out_dir}")
     if world > 1:
@@ -927,13 +951,21 @@ def encode_prompts(pipe, prompts, max_sequence_length):
     Computed once per epoch: embeds (B + 1, L, D), and for SD3 also pooled (B + 1, P).
     """
     device = denoiser(pipe).device
+    encoders = [m for name, m in pipe.components.items() if name.startswith("text_encoder") and m is not None]
+    for encoder in encoders:  # used once per epoch: on the device only while encoding (T5-XXL alone is ~9 GB)
+        encoder.to(device)
     if family(pipe) == "ddim":
         embeds, negative = pipe.encode_prompt(prompts, device, 1, True, negative_prompt=[""] * len(prompts))
-        return dict(embeds=torch.cat([embeds, negative[:1]]))
-    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(  # SD3: CLIP-L + CLIP-G + T5, pooled CLIP
-        prompt=prompts, prompt_2=prompts, prompt_3=prompts, negative_prompt="", negative_prompt_2="",
-        negative_prompt_3="", do_classifier_free_guidance=True, device=device, max_sequence_length=max_sequence_length)
-    return dict(embeds=torch.cat([embeds, negative[:1]]), pooled=torch.cat([pooled, negative_pooled[:1]]))
+        text = dict(embeds=torch.cat([embeds, negative[:1]]))
+    else:
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(  # SD3: CLIP-L + CLIP-G + T5, pooled CLIP
+            prompt=prompts, prompt_2=prompts, prompt_3=prompts, negative_prompt="", negative_prompt_2="",
+            negative_prompt_3="", do_classifier_free_guidance=True, device=device,
+            max_sequence_length=max_sequence_length)
+        text = dict(embeds=torch.cat([embeds, negative[:1]]), pooled=torch.cat([pooled, negative_pooled[:1]]))
+    for encoder in encoders:
+        encoder.to("cpu")
+    return text
 
 
 def denoise(model, x, t, text, rows):
@@ -1065,23 +1097,27 @@ def evaluate(pipe, reward_fn, prompts, args, grid_path):
     """ODE samples on held-out prompts: mean reward, and a grid PNG (one image per prompt)."""
     text = encode_prompts(pipe, prompts, args.max_sequence_length)
     images = sample_deterministic(pipe, text, args, args.eval_steps, args.seed)
-    save_grid(images, grid_path, ncol=min(4, len(prompts)))
+    save_grid(images, grid_path, ncol=min(4, len(prompts)), captions=prompts)
     rewards = reward_fn(images, prompts)
     return (rewards if rewards.ndim == 1 else rewards[:, 0]).mean().item()
 
 
-def save_grid(images, path, ncol):
-    """(N, 3, H, W) in [0, 1] -> one PNG; small images are enlarged (nearest) to be visible."""
+def save_grid(images, path, ncol, captions=None):
+    """(N, 3, H, W) in [0, 1] -> one PNG, small images enlarged (nearest) to ~128 px, each captioned below."""
+    from PIL import ImageDraw
+
     n, _, h, w = images.shape
-    nrow = math.ceil(n / ncol)
-    grid = torch.ones(3, nrow * (h + 2), ncol * (w + 2))
-    for k, img in enumerate(images.float().cpu()):
-        r, c = divmod(k, ncol)
-        top, left = r * (h + 2) + 1, c * (w + 2) + 1
-        grid[:, top:top + h, left:left + w] = img
-    picture = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
     scale = max(1, 128 // h)
-    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
+    cell_w, cell_h, text_h = w * scale + 4, h * scale + 4, 12 if captions else 0
+    canvas = Image.new("RGB", (ncol * cell_w, math.ceil(n / ncol) * (cell_h + text_h)), "white")
+    pixels = (images.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    for k, img in enumerate(pixels):
+        r, c = divmod(k, ncol)
+        left, top = c * cell_w + 2, r * (cell_h + text_h) + 2
+        canvas.paste(Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST), (left, top))
+        if captions:  # the default font is ~6 px a character
+            ImageDraw.Draw(canvas).text((left, top + h * scale + 1), captions[k][:cell_w // 6], fill="black")
+    canvas.save(path)
 
 
 def plot_rewards(history, path):
@@ -1102,6 +1138,103 @@ def plot_rewards(history, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+WEIGHT_FILES = ("pytorch_lora_weights.safetensors", "transformer", "unet")  # what save_weights writes
+
+
+def evaluate_saved(pipe, reward_fn, prompts, args, out_dir):
+    """--eval_only: weights save_weights wrote (an output folder or a checkpoint) into the pipeline, then the
+    held-out evaluation: a grid and eval_only.json with the mean reward. Nothing is trained."""
+    weights = Path(args.eval_only)
+    if (weights / WEIGHT_FILES[0]).is_file():
+        pipe.load_lora_weights(str(weights))
+    else:
+        key = "transformer" if family(pipe) == "flow" else "unet"
+        trained = type(denoiser(pipe)).from_pretrained(weights / key, dtype=torch.float32)
+        setattr(pipe, key, trained.to(denoiser(pipe).device).requires_grad_(False))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"weights": str(weights), "eval/reward_mean": evaluate(pipe, reward_fn, prompts, args,
+                                                                   out_dir / "eval_only.png")}
+    (out_dir / "eval_only.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"eval reward {result['eval/reward_mean']:.4f} over {len(prompts)} held-out prompts; grid "
+          f"{out_dir / 'eval_only.png'}")
+    return [result]
+
+
+def make_logger(args, out_dir):
+    """(log, close) for --report_to: log(metrics, epoch, grid PNG or None, advantages) sends every scalar, the
+    eval grid and the advantage histogram to tensorboard (out_dir/logs) or wandb, imported only when asked for."""
+    if args.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "logs"))
+
+        def log(metrics, epoch, grid, adv):
+            for name, value in metrics.items():
+                writer.add_scalar(name, value, epoch)
+            if grid is not None:
+                writer.add_image("eval/grid", np.asarray(Image.open(grid).convert("RGB")), epoch, dataformats="HWC")
+            writer.add_histogram("policy/advantages", adv, epoch)
+            writer.flush()
+
+        return log, writer.close
+    if args.report_to == "wandb":
+        import wandb
+
+        run = wandb.init(project="progrpo", config=dataclasses.asdict(args), dir=str(out_dir))
+
+        def log(metrics, epoch, grid, adv):
+            media = {"eval/grid": wandb.Image(str(grid))} if grid is not None else {}
+            wandb.log({**metrics, **media, "policy/advantages": wandb.Histogram(adv.numpy())}, step=epoch)
+
+        return log, run.finish
+    return (lambda *_: None), (lambda: None)
+
+
+def write_run_record(args, out_dir):
+    """config.json: every flag, the package versions and the git commit, so a result can be traced to them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("torch", "diffusers", "transformers", "peft", "triton"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                         text=True)
+    record = dict(args=dataclasses.asdict(args), argv=sys.argv, versions=versions,
+                  git_commit=git.stdout.strip() if git.returncode == 0 else None)
+    (out_dir / "config.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def write_model_card(args, out_dir, history):
+    """README.md in the output folder: what was trained, how, the final eval reward, and how to load it."""
+    evals = [m["eval/reward_mean"] for m in history if "eval/reward_mean" in m]
+    key = "unet" if (out_dir / "unet").is_dir() else "transformer"  # a full fine-tune's folder
+    load = (f'pipe.{key} = type(pipe.{key}).from_pretrained("{out_dir}", subfolder="{key}")' if args.full_finetune
+            else f'pipe.load_lora_weights("{out_dir}")')
+    card = [
+        "---", "library_name: diffusers", f"base_model: {args.pretrained_model_name_or_path}",
+        "tags: [text-to-image, pro-grpo, grpo, " + ("full-finetune]" if args.full_finetune else "lora]"), "---", "",
+        f"# Pro-GRPO fine-tune of {args.pretrained_model_name_or_path}", "",
+        f"- reward: `{args.reward}`; {len(history)} epochs of {args.prompts_per_epoch} prompts",
+        f"- group: {args.group_size} started, pruned `{args.prune}` over {args.num_steps} steps"
+        + (f", static OVF to {args.ovf_after_sampling}" if args.ovf_after_sampling else ""),
+        f"- update: lr {args.learning_rate}, clip range {args.clip_range}, beta {args.beta}, precision "
+        f"{args.mixed_precision}" + ("" if args.full_finetune else f", LoRA rank {args.rank} alpha {args.lora_alpha}"),
+        f"- final eval reward (ODE, {args.eval_steps} steps, {args.num_eval_prompts} held-out prompts): "
+        + (f"{evals[-1]:.4f}" if evals else "not evaluated"), "", "```python", "from diffusers import DiffusionPipeline",
+        "", f'pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")', load, "```", ""]
+    (out_dir / "README.md").write_text("\n".join(card))
+
+
+def remove_old_checkpoints(out_dir, limit):
+    """--checkpoints_total_limit: the oldest complete checkpoints go first; the one just written is the newest."""
+    done = [d for d in out_dir.glob("checkpoint-*") if (d / "training_state.pt").is_file()]
+    for old in sorted(done, key=lambda d: int(d.name.split("-")[1]))[:-limit] if limit else []:
+        shutil.rmtree(old)
 
 
 def setup_distributed():

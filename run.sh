@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Pro-GRPO presets. Usage: bash run.sh [demo|test|bench|flops|compare|sd35|sd35-flash|sd35-baseline|sd14|sd14-baseline|sd14-multi] [extra flags]
-#   (none) / demo   CPU demo: tiny random-weight SD3, weight-free colour reward, a few minutes on 2 cores
+# Pro-GRPO presets. Usage: bash run.sh [demo|test|bench|flops|compare|eval|sd35|sd35-flash|sd35-baseline|sd14|sd14-baseline|sd14-multi] [extra flags]
+#   (none) / demo   CPU demo: Pro-GRPO on a small pretrained SD3-class digits model and a learned digit reward
 #   test            the test suite (CPU, offline)
 #   bench           kernels/bench.py: Triton vs torch timings
+#   eval            the paper's evaluation: bash run.sh eval sd35|sd14|demo [--weights DIR ...] (repro/eval.py)
 #   sd35*           the paper's flow settings on a GPU (SD3.5-Medium, PickScore); needs `hf auth login`
 #   sd14*           the paper's diffusion settings on a GPU (SD-v1.4, DDIM eta 1, HPSv2.1)
 set -euo pipefail
@@ -149,15 +150,15 @@ SD14=(--pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 --reward rep
       --full_finetune --learning_rate 1e-5 --clip_range 1e-4 --beta 0 --sample_batch_size 16 --train_batch_size 4)
 
 case "$preset" in
-    demo)
-        [ -d outputs/tiny/flow ] || "$PY" -m repro.tiny outputs/tiny
-        "$PY" progrpo.py --pretrained_model_name_or_path outputs/tiny/flow --prompts outputs/tiny/train.txt \
-            --eval_prompts outputs/tiny/test.txt --reward repro.tiny.Colour \
-            --resolution 16 --mixed_precision no --max_sequence_length 16 --num_epochs 150 --prompts_per_epoch 6 \
-            --group_size 16 --prune 5:8,7:4 --sample_batch_size 32 --decode_batch_size 32 --train_batch_size 8 \
-            --eval_steps 10 --eval_every 10 --checkpointing_steps 1000 --learning_rate 5e-3 --clip_range 1e-2 --beta 0 \
-            --output_dir outputs/demo "$@"
-        echo "pictures: outputs/demo/samples/*.png and outputs/demo/reward_curve.png; metrics: outputs/demo/metrics.jsonl"
+    demo)           # Pro-GRPO on the pretrained digits model and its learned reward (repro/digits.py), ~4-10 min
+        [ -f repro/digits/pipeline/model_index.json ] || "$PY" -m repro.digits make
+        "$PY" progrpo.py --pretrained_model_name_or_path repro/digits/pipeline --reward repro.digits.DigitReward \
+            --prompts repro/digits/train.txt --eval_prompts repro/digits/eval.txt --num_eval_prompts 20 \
+            --resolution 16 --mixed_precision no --max_sequence_length 24 --num_epochs 80 --prompts_per_epoch 6 \
+            --group_size 16 --prune 5:8,7:4 --sample_batch_size 48 --decode_batch_size 48 --train_batch_size 8 \
+            --eval_steps 10 --eval_every 10 --checkpointing_steps 1000 --learning_rate 1e-3 --clip_range 1e-2 \
+            --beta 0 --output_dir outputs/demo "$@"
+        echo "pictures: outputs/demo/samples/*.png, outputs/demo/reward_curve.png; metrics: outputs/demo/metrics.jsonl"
         ;;
     test)  # open_clip's own code checks our HPSv2.1 scorer; --no-deps: its torchvision would not load beside CPU torch
         "$PY" -c "import open_clip" 2>/dev/null || "$PY" -m pip install -q --no-deps open_clip_torch ftfy wcwidth
@@ -175,6 +176,12 @@ case "$preset" in
             --checkpointing_steps 100000 --learning_rate 5e-3 --clip_range 1e-2 --beta 0 \
             --seeds 3 --max_flops 5e12 --output_dir outputs/compare "$@"
         echo "report: outputs/compare/comparison.md and outputs/compare/comparison.png"
+        ;;
+    eval)           # the paper's evaluation (repro/eval.py): bash run.sh eval sd35|sd14|demo [--weights DIR ...]
+        target="${1:-demo}"
+        [ $# -gt 0 ] && shift
+        [ "$target" = sd14 ] && fetch_hpsv2_prompts  # the HPSv2 benchmark prompts and open_clip for HPSv2.1
+        "$PY" -m repro.eval "$target" "$@"
         ;;
     flops)          # per-epoch FLOPs of the presets for the real architectures, on the meta device (no weights)
         HF_HUB_OFFLINE=1 "$PY" -m repro.flops "$@"
@@ -205,7 +212,7 @@ case "$preset" in
             --output_dir outputs/sd14-multi "$@"
         ;;
     *)
-        echo "error: unknown preset '$preset'; choose demo, test, bench, flops, compare, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline or sd14-multi" >&2
+        echo "error: unknown preset '$preset'; choose demo, test, bench, flops, compare, eval, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline or sd14-multi" >&2
         exit 2
         ;;
 esac

@@ -819,3 +819,27 @@ def test_gradient_checkpointing_changes_nothing(tiny):
     pipe.transformer.disable_gradient_checkpointing()
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-7)
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+def test_run_outputs_tensorboard_model_card_checkpoint_limit_and_eval_only(tmp_path, tiny_dir):
+    """A 3-epoch run with --report_to tensorboard leaves event files holding every metric and the eval grid, a
+    config.json with flags, versions and commit, a model card with a loading snippet, at most
+    --checkpoints_total_limit checkpoints; --eval_only on its weights reproduces its final eval reward."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    flags = short_run(tiny_dir) + ["--num_epochs", "3", "--eval_every", "2", "--checkpointing_steps", "1",
+                                   "--checkpoints_total_limit", "2", "--report_to", "tensorboard"]
+    history = progrpo.main(progrpo.parse_args(flags + ["--output_dir", str(out)]))
+    events = EventAccumulator(str(out / "logs"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert [e.value for e in events.Scalars("reward/mean")] == pytest.approx([m["reward/mean"] for m in history])
+    assert "policy/clipfrac" in events.Tags()["scalars"] and len(events.Images("eval/grid")) == 2  # epochs 0, 2
+    assert "policy/advantages" in events.Tags()["histograms"]
+    record = json.loads((out / "config.json").read_text())
+    assert record["args"]["report_to"] == "tensorboard" and record["versions"]["torch"] == torch.__version__
+    card = (out / "README.md").read_text()
+    assert f"{history[-1]['eval/reward_mean']:.4f}" in card and f'pipe.load_lora_weights("{out}")' in card
+    assert sorted(d.name for d in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    again = progrpo.main(progrpo.parse_args(flags + ["--output_dir", str(tmp_path / "eval"), "--eval_only", str(out)]))
+    assert abs(again[0]["eval/reward_mean"] - history[-1]["eval/reward_mean"]) < 1e-5
+    assert (tmp_path / "eval" / "eval_only.png").is_file() and not (tmp_path / "eval" / "metrics.jsonl").exists()
