@@ -1,77 +1,57 @@
 """Pro-GRPO: expand-and-prune GRPO for text-to-image flow and diffusion models, in one file.
 
-Paper: Ge, Huang, Ai, Fan, Huang, He, "Expand and Prune: Maximizing Trajectory Diversity for Effective
-GRPO in Generative Models", CVPR 2026, arXiv 2512.15347. No official code has been published; this is a
-reference implementation. Where the paper is silent we follow the baselines it compares against:
-Flow-GRPO (github yifan123/flow_grpo) for flow models (SD3.5-Medium), DanceGRPO / DDPO for diffusion
-models (SD-v1.4), and say so. The model family is read from the loaded pipeline.
+Paper: Ge, Huang, Ai, Fan, Huang, He, "Expand and Prune: Maximizing Trajectory Diversity for Effective GRPO in
+Generative Models", CVPR 2026, arXiv 2512.15347. No official code exists; where the paper is silent we follow the
+baselines it compares against, Flow-GRPO (flow models, SD3.5-Medium) and DanceGRPO / DDPO (diffusion, SD-v1.4).
 
-Why. GRPO scores a group of G images per prompt and uses A_i = (R_i - mean) / std as the advantage.
-Most rewards cluster near the group mean, so most trajectories get |A| ~ 0 and teach nothing, yet each
-costs a full rollout. Pro-GRPO samples a larger group, predicts every trajectory's final reward cheaply
-part-way through denoising, and keeps only the subset with the largest reward variance.
+Why. GRPO's advantage A_i = (R_i - mean) / std is ~0 for the many rewards that cluster near their group's mean:
+those trajectories teach nothing, yet each costs a full rollout. Pro-GRPO samples a larger group, predicts every
+trajectory's final reward cheaply part-way through denoising, and keeps only the subset of largest reward variance.
 
-The algorithm, one epoch:
-  1. Draw B prompts. For each, start G_max trajectories from independent noise (the expanded group).
-  2. Denoise with a stochastic sampler (Flow-GRPO's SDE for flow models, DDIM with eta = 1 for
-     diffusion models), keeping every latent x_t and the log-prob of every step.
-  3. At each checkpoint t_k of the prune schedule (after t_k steps, before step t_k is taken), reuse the
-     model output that step t_k needs anyway to project each live trajectory to its final sample in one
-     step, decode it and score it: the proxy reward. No extra model call.
-  4. Per prompt, keep the K_k trajectories whose proxy rewards have the largest variance (Optimal
-     Variance Filtering, exact) and stop the others at once.
-  5. Finish the survivors, decode, score: the true rewards R.
-  6. Advantages A = (R - mean_S) / (std_S + 1e-4) over each prompt's K survivors, clipped to |A| <= 5.
+One epoch:
+  1. Draw B prompts; start G_max trajectories per prompt from independent noise (the expanded group).
+  2. Denoise with a stochastic sampler (Flow-GRPO's SDE; DDIM with eta = 1), keeping latents and log-probs.
+  3. At each checkpoint t_k (after t_k steps), reuse the model output that step t_k needs anyway to project each
+     live trajectory to its final sample in one step; decode and score it: the proxy reward. No extra model call.
+  4. Per prompt keep the K_k trajectories whose proxies have the largest variance (exact OVF); stop the rest.
+  5. Finish the survivors; decode and score them: the rewards R.
+  6. A = (R - mean_S) / (std_S + 1e-4) over each prompt's K survivors, clipped to |A| <= 5.
   7. PPO-clip GRPO update on the survivors' stored steps, plus a KL penalty to the frozen base model.
 
-Equations. Flow models (sigma runs from 1 = noise to 0 = data; x_sigma = (1 - sigma) x0 + sigma eps):
-  SDE step      x_next = mean + std sqrt(-dt) z,  dt = sigma_next - sigma,  std = a sqrt(sigma / (1 - sigma'))
-                mean   = x + v dt + std^2 / (2 sigma) (x + (1 - sigma) v) dt
-  projection    x0_hat = x_t - sigma_t v_t        (the paper's x_T ~ x_{t_i} + (T - t_i) b_ODE)
-Diffusion models (x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, a_t = alphas_cumprod[t]):
-  DDIM step     x_next = mean + std z,  std = eta sqrt((1 - a_prev) / (1 - a_t) (1 - a_t / a_prev))
-                mean   = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - std^2) eps
-  projection    x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
-Both:
-  log-prob      log N(x_next; mean, step std^2) averaged over C*H*W
-  OVF           S* = argmax_{|S| = K} Var({R_i : i in S}); the optimum is the j lowest and K - j highest
-  loss          mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))) + beta KL,  r = exp(logp_new - logp_old)
+Equations. Flow models (x_sigma = (1 - sigma) x0 + sigma eps, sigma from 1 = noise to 0 = data, v predicted):
+  SDE step     x_next = mean + std sqrt(-dt) z,  dt = sigma_next - sigma,  std = a sqrt(sigma / (1 - sigma'))
+               mean   = x + v dt + std^2 / (2 sigma) (x + (1 - sigma) v) dt
+  projection   x0_hat = x_t - sigma_t v_t        (the paper's x_T ~ x_{t_i} + (T - t_i) b_ODE)
+Diffusion models (x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, a_t = alphas_cumprod[t], eps predicted):
+  DDIM step    x_next = mean + std z,  std = eta sqrt((1 - a_prev) / (1 - a_t) (1 - a_t / a_prev))
+               mean   = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - std^2) eps
+  projection   x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
+Both: log-prob = log N(x_next; mean, step std^2) averaged over C*H*W; OVF S* = argmax_{|S| = K} Var(R_S), whose
+optimum is the j lowest and K - j highest; loss = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))) + beta KL.
 
-Precision (--mixed_precision fp16 | bf16 | no), as Flow-GRPO runs it through accelerate: frozen weights
-(text encoders, the LoRA'd base network) are stored in the half dtype; trainable weights and the
-optimiser state are fp32; the denoiser's forward runs under torch.autocast; fp16 scales the loss with a
-dynamic GradScaler (without one the update's gradient underflows to exactly 0 at SD3.5-M's latent size);
-the sampler's step math, log-probs, advantages and the VAE stay fp32. CPU autocast runs the same path.
+Precision (--mixed_precision), as Flow-GRPO runs it through accelerate: frozen weights in the half dtype,
+trainable weights and optimiser state fp32, the denoiser's forward under torch.autocast, fp16 with a dynamic loss
+scaler (without it the update's gradient underflows to exactly 0 at SD3.5-M's latent size), the sampler's step
+math, log-probs, advantages and the VAE in fp32. CPU autocast runs the same path, so the tests see it.
 
-Where this departs from Flow-GRPO:
-  1. Groups are expanded and pruned inside the sampling loop (the method); `--prune none` turns it off.
-  2. Each trajectory draws its noise from its own generator seeded by (seed, epoch, prompt, member), so a
-     survivor is the trajectory it would have been without pruning, up to float round-off where model
-     calls mix other trajectories into the batch.
-  3. Advantages are normalised within each prompt's survivors (`--global_std`: Flow-GRPO's batch std).
-  4. One PickScore preprocessing path on tensors (resize, crop, normalise on the device) instead of a
-     round trip through PIL; the scores differ from the PIL path only by resampling round-off.
-  5. Prompts per epoch are drawn by one seeded permutation, not by Flow-GRPO's distributed group sampler.
-  6. Diffusion models follow DanceGRPO where Flow-GRPO does not apply: DDPO's DDIM log-prob (the last
-     step ends at alphas_cumprod[0]), the trained steps of each trajectory in a random order, and
-     `--full_finetune` (DanceGRPO's choice) with no KL term, as it has no frozen reference.
+Departures from Flow-GRPO: (1) groups are expanded and pruned in the sampling loop (`--prune none`: plain GRPO);
+(2) each trajectory has its own generator seeded by (seed, epoch, prompt, member), so a survivor is the
+trajectory it would have been unpruned, up to float round-off; (3) advantages are normalised over each prompt's
+survivors (`--global_std`: Flow-GRPO's batch std); (4) prompts are drawn by one seeded permutation; (5) diffusion
+models follow DanceGRPO: DDPO's DDIM log-prob (the last step ends at alphas_cumprod[0]), the trained steps in a
+random order per trajectory, `--full_finetune` with no KL term.
 
-Glossary: B prompts per epoch, G group size (G_max expanded), K survivors, T denoising steps, x latents,
-sigma / sigma_next noise levels, dt = sigma_next - sigma, a_t alphas_cumprod, `out` the guided model
-output (v for flow models, eps for diffusion models), `sched` the sampler's per-step tensors, mean / std
-of a step, logp_old (sampling) / logp_new (update), ratio, adv. Minibatch tensors carry a `b_` prefix.
+Glossary: B prompts, G group size (G_max expanded), K survivors, T steps, x latents, sigma / sigma_next, dt,
+a_t alphas_cumprod, `out` the guided model output in the sampler's terms (v or eps), `sched` the sampler's
+per-step tensors, mean / std of a step, logp_old (sampling), logp_new (update), ratio, adv; `b_` a minibatch.
 
-Reading order: config, the pure math, rollout with pruning, the update, the training loop: that is the
-method. Then the model family (what a port to another pipeline edits), rewards, checkpoints and ranks,
-and the tiny offline pipelines. The paper's analytics (FLOP accounting, the matched-compute comparison,
-proxy fidelity, figures) live in repro/ and read metrics.jsonl and prune_audit.jsonl.
+Reading order: config, the pure math, rollout with pruning, the update, the training loop (the method); then the
+model family (what a port edits), rewards, evaluation, checkpoints and ranks. The paper's analytics (FLOPs,
+the matched-compute comparison, proxy fidelity, figures, evaluation tables) live in repro/ and read
+metrics.jsonl and prune_audit.jsonl; this file never imports them.
 
-Run:
-  bash run.sh                     # CPU demo (minutes)
-  bash run.sh test                # the test suite
-  bash run.sh sd35                # the paper's flow setting on GPUs (SD3.5-Medium, PickScore, 48 -> 24 -> 12)
-  bash run.sh sd14                # the paper's diffusion setting (SD-v1.4, HPSv2.1, 48 -> 32 -> 8)
-  python progrpo.py --help        # every flag, with its meaning
+Run: `bash run.sh` (CPU demo), `bash run.sh test`, `bash run.sh sd35` (SD3.5-M, PickScore, 48 -> 24 -> 12),
+`bash run.sh sd14` (SD-v1.4, HPSv2.1, 48 -> 32 -> 8), `python progrpo.py --help` (every flag).
 """
 
 from __future__ import annotations
@@ -743,7 +723,8 @@ def epoch_metrics(epoch, rewards, terms, stats, audit, info, args, schedule):
 def read_prompts(path):
     """One prompt per line, UTF-8."""
     if not os.path.isfile(path):
-        raise RunError(f"prompts file '{path}' not found (one prompt per line; `bash run.sh sd35` fetches Pick-a-Pic's)")
+        raise RunError(f"prompts file '{path}' not found (one prompt per line; `bash run.sh sd35` fetches "
+                       "Pick-a-Pic's)")
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -909,7 +890,7 @@ def load_pipeline(name_or_path, dtype, full_finetune=False):
     trained = torch.float32 if full_finetune else dtype
     dtypes = dict(default=dtype, vae=torch.float32, transformer=trained, unet=trained)
     try:
-        pipe = DiffusionPipeline.from_pretrained(name_or_path, dtype=dtypes, safety_checker=None)
+        pipe = DiffusionPipeline.from_pretrained(name_or_path, dtype=dtypes, **sd1_kwargs(name_or_path))
     except (OSError, ValueError) as e:
         raise RunError(f"could not load '{name_or_path}': {str(e).splitlines()[0]} "
                        "(gated hub models need `hf auth login` and an accepted licence)") from None
@@ -922,6 +903,13 @@ def load_pipeline(name_or_path, dtype, full_finetune=False):
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
     return pipe
+
+
+def sd1_kwargs(name_or_path):
+    """SD1.x pipelines ship a safety checker we do not run (it would censor the images being scored)."""
+    index = Path(name_or_path) / "model_index.json"
+    is_sd3 = index.is_file() and "StableDiffusion3" in index.read_text()
+    return {} if is_sd3 else dict(safety_checker=None)
 
 
 def trainable_parameters(pipe, args):
@@ -1225,8 +1213,9 @@ def write_model_card(args, out_dir, history):
         f"- update: lr {args.learning_rate}, clip range {args.clip_range}, beta {args.beta}, precision "
         f"{args.mixed_precision}" + ("" if args.full_finetune else f", LoRA rank {args.rank} alpha {args.lora_alpha}"),
         f"- final eval reward (ODE, {args.eval_steps} steps, {args.num_eval_prompts} held-out prompts): "
-        + (f"{evals[-1]:.4f}" if evals else "not evaluated"), "", "```python", "from diffusers import DiffusionPipeline",
-        "", f'pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")', load, "```", ""]
+        + (f"{evals[-1]:.4f}" if evals else "not evaluated"), "", "```python",
+        "from diffusers import DiffusionPipeline", "",
+        f'pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")', load, "```", ""]
     (out_dir / "README.md").write_text("\n".join(card))
 
 
