@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pro-GRPO presets. Usage: bash run.sh [demo|test|bench|flops|compare|eval|sd35|sd35-flash|sd35-baseline|sd14|sd14-baseline|sd14-multi] [extra flags]
+# Pro-GRPO presets. Usage: bash run.sh [demo|test|bench|flops|compare|preflight|eval|sd35|sd35-flash|sd35-baseline|sd14|sd14-baseline|sd14-multi] [extra flags]
 #   (none) / demo   CPU demo: Pro-GRPO on a small pretrained SD3-class digits model and a learned digit reward
 #   test            the test suite (CPU, offline)
 #   bench           kernels/bench.py: Triton vs torch timings
@@ -142,12 +142,13 @@ launch() {  # torchrun over every visible GPU of every node; NPROC, NNODES, NODE
 SD35=(--pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium --reward repro.scorers.PickScore
       --prompts dataset/pickscore/train.txt --eval_prompts dataset/pickscore/test.txt --mixed_precision fp16
       --resolution 512 --num_steps 10 --eval_steps 40 --noise_level 0.7 --guidance_scale 4.5 --prompts_per_epoch 48
-      --learning_rate 3e-4 --clip_range 1e-4 --beta 0.01 --rank 32 --lora_alpha 64 --ema)
+      --learning_rate 3e-4 --clip_range 1e-4 --beta 0.01 --rank 32 --lora_alpha 64 --ema
+      --sample_batch_size 8 --train_batch_size 8)  # one size: SD3's outputs change with the batch size
 
 SD14=(--pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 --reward repro.scorers.HPSv2
       --prompts dataset/hpsv2/train.txt --eval_prompts dataset/hpsv2/test.txt --mixed_precision bf16
       --resolution 512 --num_steps 50 --eval_steps 50 --noise_level 1.0 --guidance_scale 5.0 --prompts_per_epoch $((4 * WORLD))
-      --full_finetune --learning_rate 1e-5 --clip_range 1e-4 --beta 0 --sample_batch_size 16 --train_batch_size 4)
+      --full_finetune --learning_rate 1e-5 --clip_range 1e-4 --beta 0 --sample_batch_size 8 --train_batch_size 8)
 
 case "$preset" in
     demo)           # Pro-GRPO on the pretrained digits model and its learned reward (repro/digits.py), ~4-10 min
@@ -186,6 +187,9 @@ case "$preset" in
     flops)          # per-epoch FLOPs of the presets for the real architectures, on the meta device (no weights)
         HF_HUB_OFFLINE=1 "$PY" -m repro.flops "$@"
         ;;
+    preflight)      # before a long GPU run: a preset's real architectures, random weights, one short epoch
+        HF_HUB_OFFLINE=1 "$PY" -m repro.preflight --world_size "$WORLD" "$@"
+        ;;
     sd35)           # Pro-GRPO: 48 -> 24 -> 12 at steps {5, 7}
         fetch_pickscore_prompts
         launch "${SD35[@]}" --group_size 48 --prune 5:24,7:12 --output_dir outputs/sd35 "$@"
@@ -212,7 +216,7 @@ case "$preset" in
             --output_dir outputs/sd14-multi "$@"
         ;;
     *)
-        echo "error: unknown preset '$preset'; choose demo, test, bench, flops, compare, eval, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline or sd14-multi" >&2
+        echo "error: unknown preset '$preset'; choose demo, test, bench, flops, compare, preflight, eval, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline or sd14-multi" >&2
         exit 2
         ;;
 esac

@@ -843,3 +843,24 @@ def test_run_outputs_tensorboard_model_card_checkpoint_limit_and_eval_only(tmp_p
     again = progrpo.main(progrpo.parse_args(flags + ["--output_dir", str(tmp_path / "eval"), "--eval_only", str(out)]))
     assert abs(again[0]["eval/reward_mean"] - history[-1]["eval/reward_mean"]) < 1e-5
     assert (tmp_path / "eval" / "eval_only.png").is_file() and not (tmp_path / "eval" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_cli_run_trains_and_reproduces_the_sampling_logprobs(tmp_path, tiny_dir, precision):
+    """The CLI in fp16 (autocast + loss scaler) and bf16 on CPU: finite loss, a non-zero gradient norm within a factor
+    2 of the fp32 run's, metrics that differ from it (the flag took effect); at --learning_rate 0 and clip range
+    1e-4 the clip fraction is exactly 0 and the ratio 1 within 1e-5, although sampling and the update batch
+    trajectories differently (--sample_batch_size 5, --train_batch_size 1)."""
+    flags = short_run(tiny_dir) + ["--num_epochs", "1", "--clip_range", "1e-4", "--train_batch_size", "1",
+                                   "--sample_batch_size", "5", "--decode_batch_size", "5", "--reward_batch_size", "5"]
+    runs = {}
+    for name, extra in (("fp32", ["--mixed_precision", "no"]), ("half", ["--mixed_precision", precision]),
+                        ("dry", ["--mixed_precision", precision, "--learning_rate", "0"])):
+        args = progrpo.parse_args(flags + extra + ["--output_dir", str(tmp_path / name)])
+        runs[name] = progrpo.main(args)[0]
+    half, fp32, dry = runs["half"], runs["fp32"], runs["dry"]
+    assert math.isfinite(half["policy/loss"]) and 0 < half["policy/grad_norm"] < math.inf
+    assert 0.5 < half["policy/grad_norm"] / fp32["policy/grad_norm"] < 2
+    assert half["reward/mean"] != fp32["reward/mean"]  # the half-precision forward really ran
+    assert dry["policy/clipfrac"] == 0 and abs(dry["policy/ratio_mean"] - 1) < 1e-5
+    assert dry["policy/first_step_ratio_dev"] < 1e-5 and dry["policy/skipped_steps"] == 0
