@@ -168,15 +168,17 @@ case "$preset" in
     bench)
         "$PY" -m kernels.bench "$@"
         ;;
-    compare)        # matched compute on the demo task: GRPO, expanded GRPO, static OVF, Pro-GRPO x 3 seeds (~20 min on 2 cores)
-        [ -d outputs/tiny/flow ] || "$PY" -m repro.tiny outputs/tiny
-        "$PY" -m repro.compare --pretrained_model_name_or_path outputs/tiny/flow --prompts outputs/tiny/train.txt \
-            --eval_prompts outputs/tiny/test.txt --reward repro.tiny.Colour \
-            --resolution 16 --mixed_precision no --max_sequence_length 16 --num_epochs 1000 --prompts_per_epoch 6 \
-            --sample_batch_size 32 --decode_batch_size 32 --train_batch_size 8 --eval_steps 10 --eval_every 10 \
-            --checkpointing_steps 100000 --learning_rate 5e-3 --clip_range 1e-2 --beta 0 \
-            --seeds 3 --max_flops 5e12 --output_dir outputs/compare "$@"
-        echo "report: outputs/compare/comparison.md and outputs/compare/comparison.png"
+    compare)        # matched compute on the demo's digits task: 4 methods x grid x 3 seeds, 2 runs at a time (~10 min
+                    # idle on 2 cores; 45 min with other work on them); the demo's flags but for what the methods vary
+        [ -f repro/digits/pipeline/model_index.json ] || "$PY" -m repro.digits make
+        OMP_NUM_THREADS=1 "$PY" -m repro.compare --pretrained_model_name_or_path repro/digits/pipeline \
+            --reward repro.digits.DigitReward --prompts repro/digits/train.txt --eval_prompts repro/digits/eval.txt \
+            --num_eval_prompts 20 --resolution 16 --mixed_precision no --max_sequence_length 24 --prompts_per_epoch 6 \
+            --sample_batch_size 48 --decode_batch_size 48 --train_batch_size 8 --eval_steps 10 --eval_every 5 \
+            --checkpointing_steps 1000 --clip_range 1e-2 --beta 0 \
+            --grid_learning_rate 1e-3 --grid_clip_range 1e-2 --seeds 3 --max_flops 1e12 --jobs 2 --diagnose_epochs 4 \
+            --output_dir outputs/compare "$@"
+        echo "report: outputs/compare/comparison.md, comparison.png, advantage_histogram.png"
         ;;
     eval)           # the paper's evaluation (repro/eval.py): bash run.sh eval sd35|sd14|demo [--weights DIR ...]
         target="${1:-demo}"

@@ -1,16 +1,37 @@
 """The matched-compute comparison: GRPO, the expanded group trained in full, static OVF and Pro-GRPO, each run
-until it has spent the same FLOPs (sampling, decode + reward calls, update), over several seeds.
+until it has spent the same FLOPs (sampling, decode + reward calls, update), over a small hyperparameter grid
+applied identically to every method and several seeds.
 
-    python -m repro.compare [progrpo.py flags] --seeds 3 --max_flops 5e12     (bash run.sh compare)
+    python -m repro.compare [progrpo.py flags] --seeds 2 --max_flops 2e12 \
+        --grid_learning_rate 1e-3,3e-4 --grid_clip_range 1e-2 --jobs 2 --diagnose_epochs 4     (bash run.sh compare)
 
-Each method's FLOPs per epoch are counted once on the real model (repro.flops.call_flops x the schedule's
-counts), so its epochs = ceil(budget / FLOPs per epoch). Writes comparison.md and comparison.png.
+1. Budget. Each method's FLOPs per epoch are counted once on the real model (repro.flops.call_flops x the
+   schedule's counts), so its epochs = ceil(budget / FLOPs per epoch): every run ends at the first epoch at budget.
+2. Grid. Every method trains at every (learning rate, clip range) of the grid, for every seed; a method's best
+   setting is the one with the highest final held-out eval reward, mean over seeds. The full grid is reported
+   beside the best, so a reader sees how much of a gap is tuning.
+3. Matched wall-clock, beside matched FLOPs: each run's eval reward interpolated (linearly, between its
+   evaluations) at the same cumulative seconds of sampling + training (metrics' time/cumulative_s, which leaves
+   out evaluation and model loading): the shortest run's total, so every run has reached it.
+4. The paper's Figure 2 question: does the OVF subset beat the full group it was taken from? static-ovf vs
+   grpo-expanded at equal updates (the same epochs: one update per epoch each) and at equal compute (1.).
+5. Diagnostics on the base model (--diagnose_epochs N): N epochs of Pro-GRPO rollouts replayed unpruned
+   (repro.diagnostics.audit_rollout), giving proxy fidelity per pruning checkpoint, reward clustering and the
+   paper's Figure 1 histogram.
+
+A run whose output folder already holds a finished run of exactly the same flags (config.json's args, and one
+metrics.jsonl line per epoch) is read back, not rerun, so an interrupted comparison resumes and the report can
+be redrawn. Writes comparison.md, comparison.png and (with diagnostics) advantage_histogram.png in --output_dir.
 """
 
 import argparse
 import dataclasses
+import itertools
+import json
 import math
+import multiprocessing
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,63 +60,242 @@ COMPARE_METHODS = {  # the demo task's four ways to spend the same compute (`bas
     "static-ovf": dict(group_size=16, prune="none", ovf_after_sampling=4),  # sample 16, train the max-variance 4
     "pro-grpo": dict(group_size=16, prune="5:8,7:4"),  # expand 16, prune to 8 then 4 inside the loop
 }
+GRID_FLAGS = {"learning_rate": "lr", "clip_range": "clip"}  # the flags a grid may vary, and their short names
 
 
-def compare(args, seeds, max_flops):
-    """Runs every method of COMPARE_METHODS for `seeds` seeds, each until it has spent `max_flops`, then writes
-    comparison.md and reward-vs-FLOPs / reward-vs-time plots into args.output_dir."""
+def grid_cells(grid):
+    """Every combination of the grid's values, as dicts of progrpo.Args fields, in the order given."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def cell_name(cell):
+    """'lr0.001-clip0.01': a grid cell as a folder name and table label."""
+    return "-".join(f"{GRID_FLAGS[k]}{v:g}" for k, v in cell.items())
+
+
+def finished_history(args):
+    """The metrics of a finished run of exactly `args` in args.output_dir, or None (absent, other flags, cut short)."""
+    out = Path(args.output_dir)
+    if not ((out / "config.json").is_file() and (out / "metrics.jsonl").is_file()):
+        return None
+    wanted = json.loads(json.dumps(dataclasses.asdict(args)))  # as JSON stores it: tuples become lists
+    if json.loads((out / "config.json").read_text()).get("args") != wanted:
+        return None
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return history if len(history) == args.num_epochs else None
+
+
+def train(args):
+    """One run: progrpo.main unless a finished run of the same flags is there. In a worker process as well."""
+    if finished_history(args) is None:
+        progrpo.main(args)
+    return finished_history(args)
+
+
+def run_all(runs, jobs):
+    """Histories of `runs` (name -> progrpo.Args), `jobs` at a time (separate processes; set OMP_NUM_THREADS=1)."""
+    if jobs == 1:
+        return {key: train(run) for key, run in runs.items()}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:  # no forked torch
+        futures = {key: pool.submit(train, run) for key, run in runs.items()}
+        return {key: f.result() for key, f in futures.items()}
+
+
+def eval_curve(history, per_epoch):
+    """A run's evaluations as arrays: epochs, cumulative FLOPs, cumulative seconds (sampling + training), reward."""
+    evals = [m for m in history if "eval/reward_mean" in m]
+    epochs = np.array([m["epoch"] for m in evals])
+    seconds = np.array([m["time/cumulative_s"] for m in evals])
+    return epochs, (epochs + 1) * per_epoch, seconds, np.array([m["eval/reward_mean"] for m in evals])
+
+
+def reward_at_seconds(history, seconds):
+    """Eval reward at `seconds` of cumulative sampling + training time, linear between evaluations."""
+    _, _, t, reward = eval_curve(history, 1.0)
+    return float(np.interp(seconds, t, reward))
+
+
+def mean_std(values):
+    """'0.123 +- 0.045': mean and population std over seeds."""
+    return f"{np.mean(values):.3f} +- {np.std(values):.3f}"
+
+
+def summarise(results, per_epoch):
+    """Per (method, cell): final eval rewards over seeds and the matched-time rewards, at the common time horizon
+    (the shortest run's total seconds, so that every run has reached it). results: (method, cell) -> histories."""
+    horizon = min(h[-1]["time/cumulative_s"] for histories in results.values() for h in histories)
+    table = {}
+    for (name, cell), histories in results.items():
+        table[name, cell] = dict(
+            epochs=len(histories[0]), flops=len(histories[0]) * per_epoch[name],
+            seconds=[h[-1]["time/cumulative_s"] for h in histories],
+            final=[eval_curve(h, 1.0)[3][-1] for h in histories],
+            at_horizon=[reward_at_seconds(h, horizon) for h in histories])
+    best = {name: max((c for n, c in table if n == name), key=lambda c: np.mean(table[name, c]["final"]))
+            for name in per_epoch}
+    return table, best, horizon
+
+
+def figure2_rows(results, cells):
+    """static-ovf vs grpo-expanded at equal updates: eval reward at every epoch both evaluated in every seed."""
+    rows = []
+    for cell in cells:
+        curves = {n: [dict(zip(*eval_curve(h, 1.0)[::3])) for h in results[n, cell]] for n in ("grpo-expanded",
+                                                                                               "static-ovf")}
+        shared = sorted(set.intersection(*(set(c) for runs in curves.values() for c in runs)))
+        for epoch in shared:
+            values = {n: [c[epoch] for c in runs] for n, runs in curves.items()}
+            rows.append(f"| {cell} | {epoch} | {mean_std(values['grpo-expanded'])} | {mean_std(values['static-ovf'])} "
+                        f"| {np.mean(values['static-ovf']) - np.mean(values['grpo-expanded']):+.3f} |")
+    return rows
+
+
+def diagnose(args, epochs, out):
+    """Proxy fidelity per pruning checkpoint, reward clustering and the Figure 1 histogram on the base model, from
+    `epochs` epochs of Pro-GRPO rollouts (training's prompts for those epochs) each replayed unpruned. Markdown."""
+    from repro import diagnostics
+
+    args = dataclasses.replace(args, **COMPARE_METHODS["pro-grpo"])
+    schedule = progrpo.validate(args)
+    pipe = progrpo.load_pipeline(args.pretrained_model_name_or_path, progrpo.DTYPES[args.mixed_precision],
+                                 args.full_finetune)
+    reward_fn = progrpo.build_reward(args.reward, torch.device("cpu"))
+    train_prompts = progrpo.read_prompts(args.prompts)
+    audit = []
+    for epoch in range(epochs):  # the prompts progrpo.main draws in this epoch
+        g = torch.Generator().manual_seed(progrpo.trajectory_seed(args.seed, epoch, "prompts", 0))
+        pick = torch.randperm(len(train_prompts), generator=g)
+        prompts = [train_prompts[pick[i % len(pick)]] for i in range(args.prompts_per_epoch)]
+        text = progrpo.encode_prompts(pipe, prompts, args.max_sequence_length)
+        with torch.no_grad():
+            epoch_audit, _ = diagnostics.audit_rollout(pipe, text, prompts, reward_fn, args, epoch, schedule)
+        audit += [dict(epoch=epoch, **a) for a in epoch_audit]
+    path = out / "diagnostics_audit.jsonl"
+    path.write_text("".join(json.dumps(a) + "\n" for a in audit))
+    diagnostics.plot_advantage_histogram(path, out / "advantage_histogram.png")
+    rows = ["| checkpoint (step: live -> kept) | Spearman | Kendall tau-b | kept-set overlap with OVF on final "
+            "rewards |", "|---|---|---|---|"]
+    for k, (step, kept) in enumerate(schedule):
+        f = diagnostics.proxy_fidelity(audit, k)
+        live = len(audit[0]["checkpoints"][k]["members"])
+        rows.append(f"| step {step}: {live} -> {kept} | " + " | ".join(
+            "n/a" if f[m] is None else f"{f[m]:.3f}" for m in ("spearman", "kendall", "overlap")) + " |")
+    cluster = diagnostics.clustering(audit)  # the expanded group by its proxies at the first checkpoint
+    finals = torch.tensor([[{**dict(zip(a["survivors"], a["final"])), **{int(m): r for m, r in a["audited"].items()}}[m]
+                            for m in range(args.group_size)] for a in audit])  # (B * epochs, G_max) final rewards
+    cluster.update({f"cluster/expanded_final_abs_adv_lt_{d}": diagnostics.small_advantage_fraction(finals, d)
+                    for d in (0.5, 0.1)})
+    share = ", ".join(f"{k.removeprefix('cluster/')} {v:.2f}" for k, v in cluster.items())
+    return (f"## Diagnostics on the base model\n\n{epochs} epochs x {args.prompts_per_epoch} prompts of Pro-GRPO "
+            f"(G = {args.group_size}, prune {args.prune}), each replayed unpruned for every member's final reward "
+            f"(seed {args.seed}).\n\nProxy fidelity (one-step projection's reward at the checkpoint vs the final "
+            f"reward, mean over prompts):\n\n" + "\n".join(rows) + f"\n\nReward clustering (share of |A| below 0.5 "
+            f"and 0.1; 'expanded' ranks by the step-{schedule[0][0]} proxies, 'expanded_final' by the final rewards): "
+            f"{share}.\n\n![advantages, full group vs survivors](advantage_histogram.png)\n")
+
+
+def compare(args, seeds, max_flops, grid=None, jobs=1, diagnose_epochs=0):
+    """Runs every method of COMPARE_METHODS at every cell of `grid` (flag -> values; default: args' own learning
+    rate and clip range) for `seeds` seeds, each until it has spent `max_flops`, then writes comparison.md and
+    reward-vs-FLOPs / reward-vs-time plots (each method at its best cell) into args.output_dir."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    grid = grid or {k: [getattr(args, k)] for k in GRID_FLAGS}
+    cells = grid_cells(grid)
     out = Path(args.output_dir)
-    results = {}
+    out.mkdir(parents=True, exist_ok=True)
+    per_epoch, runs = {}, {}
     for name, changes in COMPARE_METHODS.items():
         method = dataclasses.replace(args, **changes)
-        per_epoch = epoch_total_flops(method)
-        method = dataclasses.replace(method, num_epochs=math.ceil(max_flops / per_epoch))  # the first epoch at budget
-        results[name] = []
-        for seed in range(seeds):
-            history = progrpo.main(dataclasses.replace(method, seed=seed, output_dir=str(out / f"{name}-seed{seed}")))
-            for m in history:  # the epoch's FLOPs are the same every epoch: counts x per-call FLOPs
-                m["perf/flops_cumulative"] = (m["epoch"] + 1) * per_epoch
-            results[name].append(history)
-    rows = ["| method | epochs | TFLOPs spent | wall-clock s | final eval reward, mean +- std over seeds |", "|---|---|---|---|---|"]
+        per_epoch[name] = epoch_total_flops(method)
+        method = dataclasses.replace(method, num_epochs=math.ceil(max_flops / per_epoch[name]))  # first at budget
+        for seed, cell in itertools.product(range(seeds), cells):
+            runs[name, cell_name(cell), seed] = dataclasses.replace(
+                method, **cell, seed=seed, output_dir=str(out / name / f"{cell_name(cell)}-seed{seed}"))
+    order = sorted(runs, key=lambda key: key[2])  # seed-major: an interrupted comparison has whole seeds
+    histories = run_all({key: runs[key] for key in order}, jobs)
+    results = {(n, c): [histories[n, c, s] for s in range(seeds)] for n, c, s in runs if s == 0}
+    table, best, horizon = summarise(results, per_epoch)
+
+    rows = ["| method | grid cell | epochs | TFLOPs | train s, mean | final eval reward | eval reward at "
+            f"{horizon:.0f} s |", "|---|---|---|---|---|---|---|"]
+    for (name, cell), r in table.items():
+        mark = " **best**" if best[name] == cell and len(cells) > 1 else ""
+        rows.append(f"| {name} | {cell}{mark} | {r['epochs']} | {r['flops'] / 1e12:.3f} | {np.mean(r['seconds']):.0f} "
+                    f"| {mean_std(r['final'])} | {mean_std(r['at_horizon'])} |")
+    best_rows = ["| method | best cell | final eval reward (matched FLOPs) | per seed | eval reward at "
+                 f"{horizon:.0f} s (matched wall-clock) | per seed |", "|---|---|---|---|---|---|"]
+    for name, cell in best.items():
+        r = table[name, cell]
+        best_rows.append(f"| {name} | {cell} | {mean_std(r['final'])} | {', '.join(f'{v:.3f}' for v in r['final'])} "
+                         f"| {mean_std(r['at_horizon'])} | {', '.join(f'{v:.3f}' for v in r['at_horizon'])} |")
+    fig2 = ["| grid cell | epoch | grpo-expanded (16 trained) | static-ovf (4 of 16 trained) | static - expanded |",
+            "|---|---|---|---|---|"] + figure2_rows(results, [cell_name(c) for c in cells])
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for name, histories in results.items():
-        evals = [[m for m in h if "eval/reward_mean" in m] for h in histories]
-        n = min(len(e) for e in evals)  # evaluations that every seed reached (FLOPs per epoch do not depend on the seed)
-        reward = np.array([[m["eval/reward_mean"] for m in e[:n]] for e in evals])  # (seeds, n)
-        flops = np.array([m["perf/flops_cumulative"] for m in evals[0][:n]]) / 1e12
-        seconds = np.array([[m["time/cumulative_s"] for m in e[:n]] for e in evals]).mean(0)
-        final = reward[:, -1]
-        rows.append(f"| {name} | {len(histories[0])} | {flops[-1]:.3f} | {seconds[-1]:.0f} | {final.mean():.3f} +- {final.std():.3f} |")
-        for ax, x in zip(axes, (flops, seconds)):
-            ax.plot(x, reward.mean(0), "o-", label=name)
+    for name, cell in best.items():
+        curves = [eval_curve(h, per_epoch[name]) for h in results[name, cell]]
+        n = min(len(c[0]) for c in curves)  # evaluations every seed reached (their epochs do not depend on the seed)
+        reward = np.array([c[3][:n] for c in curves])  # (seeds, n)
+        for ax, x in zip(axes, (curves[0][1][:n] / 1e12, np.mean([c[2][:n] for c in curves], axis=0))):
+            ax.plot(x, reward.mean(0), "o-", label=f"{name} ({cell})")
             ax.fill_between(x, reward.min(0), reward.max(0), alpha=0.2)
-    for ax, label in zip(axes, ("cumulative TFLOPs (sampling, decode + reward, update)", "cumulative wall-clock seconds")):
+    axes[1].axvline(horizon, color="grey", linestyle=":", label="matched wall-clock")
+    for ax, label in zip(axes, ("cumulative TFLOPs (sampling, decode + reward, update)",
+                                "cumulative seconds of sampling + training (mean over seeds)")):
         ax.set_xlabel(label)
         ax.set_ylabel("eval reward (held-out prompts)")
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "comparison.png", dpi=120)
     plt.close(fig)
-    report = (f"# Matched-compute comparison\n\nBudget {max_flops / 1e12:.3f} TFLOPs per run, {seeds} seeds, "
-              f"reward '{args.reward}', model '{args.pretrained_model_name_or_path}'; bands span min to max over seeds.\n\n"
-              + "\n".join(rows) + "\n\n![reward against compute and time](comparison.png)\n")
+    grid_text = ", ".join(f"--{k} {' '.join(f'{v:g}' for v in values)}" for k, values in grid.items())
+    report = (f"# Matched-compute comparison\n\nBudget {max_flops / 1e12:.3f} TFLOPs per run, {seeds} seeds, grid "
+              f"{grid_text}, reward '{args.reward}', model '{args.pretrained_model_name_or_path}'. Mean +- std over "
+              f"seeds; best cell = highest final eval reward, mean over seeds; plot bands span min to max over seeds."
+              f"\n\n## Best cell per method\n\n" + "\n".join(best_rows) + "\n\n## Full grid\n\n" + "\n".join(rows)
+              + "\n\n## Does the OVF subset beat its full group? (equal updates)\n\n" + "\n".join(fig2)
+              + "\n\n![reward against compute and time](comparison.png)\n")
+    if diagnose_epochs:
+        report += "\n" + diagnose(args, diagnose_epochs, out)
     (out / "comparison.md").write_text(report)
     print(report)
+    return table, best
+
+
+def parse_list(text, flag):
+    """'1e-3,3e-4' -> [0.001, 0.0003]; a RunError naming the flag otherwise."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise progrpo.RunError(f"{flag} takes a comma list of numbers such as 1e-3,3e-4 (got '{text}')") from None
+    if not all(v > 0 for v in values):
+        raise progrpo.RunError(f"{flag} values must be positive (got '{text}')")
+    return values
 
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description="matched-compute comparison; other flags go to progrpo.py")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per method")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per method and grid cell")
     parser.add_argument("--max_flops", type=float, default=5e12, help="FLOPs budget per run")
+    parser.add_argument("--grid_learning_rate", help="comma list of learning rates (default: --learning_rate)")
+    parser.add_argument("--grid_clip_range", help="comma list of clip ranges (default: --clip_range)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, one process each")
+    parser.add_argument("--diagnose_epochs", type=int, default=0,
+                        help="epochs of base-model rollouts for proxy fidelity and the Figure 1 histogram (0 = none)")
     ours, rest = parser.parse_known_args(argv)
-    if ours.seeds < 1 or not ours.max_flops > 0:
-        raise progrpo.RunError(f"--seeds must be at least 1 and --max_flops positive (got {ours.seeds}, {ours.max_flops})")
-    return progrpo.parse_args(rest), ours.seeds, ours.max_flops
+    if ours.seeds < 1 or not ours.max_flops > 0 or ours.jobs < 1 or ours.diagnose_epochs < 0:
+        raise progrpo.RunError(f"--seeds and --jobs must be at least 1, --max_flops positive, --diagnose_epochs not "
+                               f"negative (got {ours.seeds}, {ours.jobs}, {ours.max_flops}, {ours.diagnose_epochs})")
+    args = progrpo.parse_args(rest)
+    grid = {"learning_rate": parse_list(ours.grid_learning_rate, "--grid_learning_rate")
+            if ours.grid_learning_rate else [args.learning_rate],
+            "clip_range": parse_list(ours.grid_clip_range, "--grid_clip_range")
+            if ours.grid_clip_range else [args.clip_range]}
+    return args, ours.seeds, ours.max_flops, grid, ours.jobs, ours.diagnose_epochs
 
 
 if __name__ == "__main__":

@@ -98,18 +98,63 @@ def comparison_args(tiny_dir, **overrides):
 
 
 def test_budget_sets_the_epochs(tiny_dir):
-    """A method's FLOPs per epoch are counted once; the budget buys ceil(budget / per epoch) epochs."""
-    args = dataclasses.replace(comparison_args(tiny_dir), **compare.COMPARE_METHODS["pro-grpo"])
-    per_epoch = compare.epoch_total_flops(args)
-    grpo = compare.epoch_total_flops(dataclasses.replace(comparison_args(tiny_dir), **compare.COMPARE_METHODS["grpo"]))
-    assert per_epoch > grpo > 0  # expand 16 -> 4 costs more per epoch than a plain group of 8 here
+    """A method's FLOPs per epoch are counted once on the model: training the whole expanded group costs more per
+    epoch than training 4 of it (static OVF) or than pruning it inside the loop (Pro-GRPO)."""
+    per_epoch = {name: compare.epoch_total_flops(dataclasses.replace(comparison_args(tiny_dir), **changes))
+                 for name, changes in compare.COMPARE_METHODS.items() if name != "grpo"}
+    assert per_epoch["grpo-expanded"] > per_epoch["static-ovf"] > 0
+    assert per_epoch["grpo-expanded"] > per_epoch["pro-grpo"] > 0
 
 
-def test_comparison_harness_runs(tmp_path, tiny_dir):
-    """`run.sh compare` in miniature (1 seed, one epoch each): four methods, a report and its plot."""
-    compare.compare(comparison_args(tiny_dir, output_dir=str(tmp_path)), seeds=1, max_flops=1.0)
+def test_comparison_harness_runs(tmp_path, tiny_dir, monkeypatch):
+    """`run.sh compare` in miniature (the two methods of the Figure 2 question, 1 seed, one epoch each, a 2-cell
+    grid): every method at every cell, a best cell per method, the equal-updates table and the plot; a finished
+    run of the same flags is read back, not retrained."""
+    methods = {name: compare.COMPARE_METHODS[name] for name in ("grpo-expanded", "static-ovf")}
+    monkeypatch.setattr(compare, "COMPARE_METHODS", methods)  # 4 runs, not 8: the test's time budget
+    grid = {"learning_rate": [5e-3, 1e-3], "clip_range": [1e-2]}
+    compare.compare(comparison_args(tiny_dir, output_dir=str(tmp_path)), 1, 1.0, grid)
     report = (tmp_path / "comparison.md").read_text()
-    assert all(f"| {name} | 1 |" in report for name in compare.COMPARE_METHODS) and (tmp_path / "comparison.png").is_file()
+    cells = ("lr0.005-clip0.01", "lr0.001-clip0.01")
+    assert all(f"| {name} | {cell}" in report for name in methods for cell in cells)
+    assert report.count("**best**") == len(methods) and (tmp_path / "comparison.png").is_file()
+    assert "| lr0.001-clip0.01 | 0 |" in report  # static-ovf vs grpo-expanded after one update each
+    run = dataclasses.replace(comparison_args(tiny_dir), **methods["static-ovf"], learning_rate=1e-3,
+                              output_dir=str(tmp_path / "static-ovf" / "lr0.001-clip0.01-seed0"))
+    stamp = (Path(run.output_dir) / "metrics.jsonl").stat().st_mtime_ns
+    assert len(compare.train(run)) == 1 and (Path(run.output_dir) / "metrics.jsonl").stat().st_mtime_ns == stamp
+    assert compare.finished_history(dataclasses.replace(run, learning_rate=5e-3)) is None  # other flags: rerun
+
+
+def test_diagnostics_on_the_base_model(tmp_path, tiny_dir):
+    """compare.diagnose: proxy fidelity at both pruning checkpoints, clustering and the Figure 1 histogram."""
+    text = compare.diagnose(comparison_args(tiny_dir), 1, tmp_path)
+    assert "| step 5: 16 -> 8 |" in text and "| step 7: 8 -> 4 |" in text and "expanded_abs_adv_lt_0.5" in text
+    assert (tmp_path / "advantage_histogram.png").is_file() and (tmp_path / "diagnostics_audit.jsonl").is_file()
+
+
+def synthetic_history(rewards, seconds, eval_every=2):
+    """metrics.jsonl lines: one per epoch, an evaluation every `eval_every` epochs and at the last."""
+    last = len(rewards) - 1
+    return [dict(epoch=e, **{"time/cumulative_s": t}, **({"eval/reward_mean": r} if e % eval_every == 0 or e == last
+                                                          else {})) for e, (r, t) in enumerate(zip(rewards, seconds))]
+
+
+def test_best_cell_matched_time_and_equal_updates_by_hand():
+    """Best cell by mean final eval over seeds; matched wall-clock at the shortest run's seconds, linear between
+    evaluations; the equal-updates table at the epochs both methods evaluated. Values worked out by hand."""
+    fast = synthetic_history([0.0, 9.0, 1.0, 9.0, 3.0], [1.0, 2.0, 3.0, 4.0, 5.0])  # evals at 0, 2, 4 (t = 1, 3, 5)
+    slow = synthetic_history([0.0, 9.0, 2.0, 9.0, 2.0, 9.0, 6.0], [2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0])
+    results = {("grpo-expanded", "a"): [fast, fast], ("grpo-expanded", "b"): [fast, slow],
+               ("static-ovf", "a"): [slow, slow], ("static-ovf", "b"): [fast, fast]}
+    table, best, horizon = compare.summarise(results, {"grpo-expanded": 2.0, "static-ovf": 1.0})
+    assert horizon == 5.0 and best == {"grpo-expanded": "b", "static-ovf": "a"}  # finals: a 3, b 4.5; a 6, b 3
+    # slow at 5 s: between its evals at t = 2 (0.0) and t = 6 (2.0) -> 1.5; fast at 5 s is its last eval, 3.0
+    assert table["static-ovf", "a"]["at_horizon"] == [1.5, 1.5]
+    assert table["grpo-expanded", "b"]["at_horizon"] == [3.0, 1.5]
+    assert table["grpo-expanded", "a"]["flops"] == 10.0 and table["static-ovf", "a"]["epochs"] == 7
+    rows = compare.figure2_rows(results, ["a"])  # expanded evals at 0, 2, 4; static-ovf at 0, 2, 4, 6
+    assert [r.split(" | ")[1] for r in rows] == ["0", "2", "4"] and rows[1].endswith("| +1.000 |")
 
 
 # ---------------------------------------------------------------------------------------------------
