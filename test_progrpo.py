@@ -608,8 +608,8 @@ def short_run(tiny_dir):
 
 BAD_INPUTS = [  # (flags, the message's key words); each must fail before any model loads
     (["--prune", "7:24,5:12"], "strictly increasing"),
-    (["--prune", "5:24,7:24"], "strictly decrease"),
-    (["--prune", "5:24,7:1"], "at least 2 survivors"),
+    (["--prune", "2:4,4:4"], "strictly decrease"),
+    (["--prune", "2:4,4:1"], "at least 2 survivors"),
     (["--group_size", "1", "--prune", "none"], "--group_size must be at least 2"),
     (["--reward", "beauty"], "unknown reward 'beauty'"),
     (["--reward", "repro.tiny.NoSuchReward"], "unknown reward 'repro.tiny.NoSuchReward'"),
@@ -638,7 +638,7 @@ BAD_INPUTS = [  # (flags, the message's key words); each must fail before any mo
     (["--beta", "-0.1"], "--beta"),
     (["--timestep_fraction", "0"], "--timestep_fraction"),
     (["--mixed_precision", "fp8"], "--mixed_precision must be no, fp16 or bf16"),
-    (["--ovf_after_sampling", "12"], "--ovf_after_sampling 12 must be in [2, 4)"),
+    (["--ovf_after_sampling", "12"], "--ovf_after_sampling 12 must be in [2, 3)"),
     (["--full_finetune", "--beta", "0.01"], "--full_finetune has no frozen reference"),
     (["--pretrained_model_name_or_path", "./no/such/model"], "model folder './no/such/model' does not exist"),
     (["--resume_from_checkpoint", "no/such/checkpoint-9"], "no training_state.pt in checkpoint folder"),

@@ -83,7 +83,7 @@ PRESETS = {
 def demo_args(run_sh=ROOT / "run.sh"):
     """progrpo.Args of run.sh's demo block, read from run.sh itself, so the evaluation follows the demo when its
     model, reward or resolution change. Expects the block's shape: `demo)` ... `progrpo.py FLAGS "$@"` ... `;;`."""
-    block = re.search(r"^\s*demo\)\s*$(.*?)^\s*;;", Path(run_sh).read_text(), re.S | re.M)
+    block = re.search(r"^\s*demo\)[^\n]*$(.*?)^\s*;;", Path(run_sh).read_text(), re.S | re.M)
     command = block and re.search(r"progrpo\.py(.*?)\"\$@\"", block[1], re.S)
     if not command:
         raise RunError(f"cannot find the demo's `progrpo.py ... \"$@\"` command in {run_sh}")
