@@ -19,3 +19,14 @@ def tiny_dir(tmp_path_factory):
     from repro.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    """The tiny SD3 pipeline in fp32 with a rank-4 LoRA, two prompts and their text embeddings (one per module)."""
+    import progrpo
+
+    pipe = progrpo.load_pipeline(str(tiny_dir / "flow"), torch.float32)
+    params = progrpo.trainable_parameters(pipe, progrpo.Args(rank=4, lora_alpha=8))
+    prompts = ["a red cat", "a blue dog"]
+    return pipe, params, prompts, progrpo.encode_prompts(pipe, prompts, 16)

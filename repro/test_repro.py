@@ -25,14 +25,6 @@ def tiny_args(**overrides):
     return progrpo.Args(**{**base, **overrides})
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    pipe = progrpo.load_pipeline(str(tiny_dir / "flow"), torch.float32)
-    params = progrpo.trainable_parameters(pipe, tiny_args())
-    prompts = ["a red cat", "a blue dog"]
-    return pipe, params, prompts, progrpo.encode_prompts(pipe, prompts, 16)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Compute accounting
 # ---------------------------------------------------------------------------------------------------
