@@ -89,11 +89,12 @@ def gaussian_posterior(x, sigma):
 
 
 def test_projection_is_posterior_mean_for_gaussian_data():
-    """project_x0_flow(x, v*, sigma) equals E[x0 | x_sigma] for the closed-form velocity."""
+    """project_x0 (flow) with the closed-form velocity v* at sigma equals E[x0 | x_sigma]."""
     x = torch.randn(64, 1, 2, 2) * 1.3
     for sigma in (0.9, 0.5, 0.1):
         v, e_x0 = gaussian_posterior(x, sigma)
-        assert torch.allclose(progrpo.project_x0_flow(x, v, torch.full((64,), sigma)), e_x0, atol=1e-5)
+        x0_hat = progrpo.project_x0(dict(sigma=torch.full((64,), sigma)), torch.arange(64), x, v)
+        assert torch.allclose(x0_hat, e_x0, atol=1e-5)
 
 
 def test_sde_sampler_recovers_gaussian_data():
@@ -113,12 +114,13 @@ def test_sde_sampler_recovers_gaussian_data():
 
 
 def test_ddim_step_matches_ddpo_reference(reference):
-    """ddim_step_with_logprob and project_x0_ddim reproduce DDPO's outputs on every ddim case."""
+    """ddim_step_with_logprob and project_x0 (eps) reproduce DDPO's outputs on every ddim case."""
     for case in reference["ddim"]:
         prev, logp, mean, std = progrpo.ddim_step_with_logprob(
             case["model_output"], case["sample"], case["alpha_prod_t"], case["alpha_prod_t_prev"], case["eta"],
             prev_sample=case["prev_sample"])
-        x0 = progrpo.project_x0_ddim(case["sample"], case["model_output"], case["alpha_prod_t"])
+        rows = torch.arange(len(case["sample"]))
+        x0 = progrpo.project_x0(dict(alpha_prod_t=case["alpha_prod_t"]), rows, case["sample"], case["model_output"])
         assert rel_close(logp, case["log_prob"]) and rel_close(std, case["std_dev_t"]), case["step_index"]
         assert rel_close(x0, case["pred_original_sample"]), case["step_index"]
 
@@ -172,7 +174,7 @@ def test_ddim_projection_inverts_forward_noising():
     """x_t = sqrt(a) x0 + sqrt(1 - a) eps, projected with the true eps, gives back x0."""
     x0, eps, a = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5), torch.tensor([0.99, 0.5, 0.05])
     x_t = a.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1) * eps
-    assert torch.allclose(progrpo.project_x0_ddim(x_t, eps, a), x0, atol=1e-5)
+    assert torch.allclose(progrpo.project_x0(dict(alpha_prod_t=a), torch.arange(3), x_t, eps), x0, atol=1e-5)
 
 
 def test_ddim_sampler_recovers_gaussian_data():
@@ -257,6 +259,45 @@ def test_bad_schedules_are_rejected(spec, group, message):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Parity with kernels/: progrpo.py's own torch path and kernels' references compute the same numbers
+# ---------------------------------------------------------------------------------------------------
+
+def test_step_logprob_torch_equals_the_kernels_reference():
+    """progrpo.step_logprob_torch (the path without kernels/) gives kernels' reference log_prob and KL, flow
+    (including a sigma == 1 first step) and DDIM, to fp32 round-off."""
+    from kernels import ddim_logprob, sde_logprob
+
+    gen = torch.Generator().manual_seed(3)
+    v, x, x_next, v_ref = (torch.randn(3, 4, 6, 6, generator=gen) for _ in range(4))
+    sigma, sigma_next = torch.tensor([1.0, 0.79037, 0.27805]), torch.tensor([0.96013, 0.70728, 0.00893])
+    rows = torch.arange(3)
+    ours = progrpo.step_logprob_torch(dict(sigma=sigma, sigma_next=sigma_next), rows, v, x, x_next, 0.7, v_ref)
+    ref = sde_logprob(v, x, x_next, sigma, sigma_next, progrpo.flow_std(sigma, sigma_next, 0.7), v_ref=v_ref,
+                      backend="torch")
+    a_t, a_prev = torch.tensor([0.0047, 0.3, 0.9]), torch.tensor([0.0058, 0.33, 0.99])
+    ours_ddim = progrpo.step_logprob_torch(dict(alpha_prod_t=a_t, alpha_prod_t_prev=a_prev), rows, v, x, x_next,
+                                           1.0, v_ref)
+    ref_ddim = ddim_logprob(v, x, x_next, a_t, a_prev, 1.0, eps_ref=v_ref, backend="torch")
+    for a, b in zip(ours + ours_ddim, ref + ref_ddim):
+        assert rel_close(a, b)
+
+
+@pytest.mark.parametrize("global_std", [False, True])
+def test_group_advantages_equal_the_kernels_reference(global_std):
+    """progrpo.group_advantages equals kernels' reference (random groups, a singleton, a constant group of 7)."""
+    from kernels import group_advantages_torch
+    from kernels.advantages import ADV_ATOL
+
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.tensor([5, 5, 5, 5, -2, 9, 9, 9, 9, 9, 9] + [0] * 7)[torch.randperm(18, generator=gen)]
+    rewards = torch.randn(18, generator=gen)
+    rewards[ids == 0] = 22.37  # constant, but its fp32 mean 7 * 22.37 / 7 is not 22.37: adv must still be 0
+    expected = progrpo.group_advantages(rewards, ids, eps=1e-4, clip=5.0, global_std=global_std)
+    torch.testing.assert_close(group_advantages_torch(rewards, ids, global_std=global_std), expected,
+                               rtol=0, atol=ADV_ATOL)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Rewards
 # ---------------------------------------------------------------------------------------------------
 
@@ -266,8 +307,8 @@ def test_colour_reward_and_weighted_sum():
     red[:, 0], blue[:, 2] = 1.0, 1.0
     images, prompts = torch.cat([red, blue]), ["a red car", "a red car"]
     assert tiny_models.colour_reward(images, prompts).tolist() == [1.0, -0.5]
-    mixed = progrpo.build_reward("repro.tiny.Colour:2.0,jpeg_compressibility:0.5", "cpu")(images, prompts)
-    colour, jpeg = tiny_models.colour_reward(images, prompts), -progrpo.jpeg_size_kb(images)
+    mixed = progrpo.build_reward("repro.tiny.Colour:2.0,repro.scorers.JpegCompressibility:0.5", "cpu")(images, prompts)
+    colour, jpeg = tiny_models.colour_reward(images, prompts), -scorers.jpeg_size_kb(images)
     assert mixed.shape == (2, 3) and torch.allclose(mixed[:, 0], 2 * colour + 0.5 * jpeg)  # the sum, then each term
     assert torch.equal(mixed[:, 1], colour) and torch.equal(mixed[:, 2], jpeg)
 
@@ -275,8 +316,8 @@ def test_colour_reward_and_weighted_sum():
 def test_jpeg_compressibility_prefers_flat_images():
     """A flat image compresses better (higher compressibility reward) than noise."""
     flat, noise = torch.full((1, 3, 32, 32), 0.5), torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    r = progrpo.jpeg_compressibility(torch.cat([flat, noise]), ["", ""])
-    assert r[0] > r[1] and torch.equal(progrpo.jpeg_incompressibility(torch.cat([flat, noise]), ["", ""]), -r)
+    r = scorers.JpegCompressibility("cpu")(torch.cat([flat, noise]), ["", ""])
+    assert r[0] > r[1] and torch.equal(scorers.JpegIncompressibility("cpu")(torch.cat([flat, noise]), ["", ""]), -r)
 
 
 def test_pickscore_loads_from_folder_and_scores(tmp_path):
@@ -343,7 +384,7 @@ def test_nfe_counts_every_transformer_call(tiny):
         hook.remove()
     expected = len(prompts) * sum(progrpo.live_counts(6, 6, schedule))  # 2 * (3*6 + 2*4 + 1*3) = 58
     assert stats["nfe"] == sum(seen) == expected == 58
-    assert stats["decodes"] == stats["reward_calls"] == 2 * (6 + 4) + 2 * 3  # checkpoints + final
+    assert stats["decodes"] == 2 * (6 + 4) + 2 * 3  # checkpoints + final, each image scored once
     assert samples["latents"].shape == (6, 7, 4, 8, 8) and samples["log_probs"].shape == (6, 6)
     assert [len(a["survivors"]) for a in audit] == [3, 3]
 

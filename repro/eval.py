@@ -141,7 +141,8 @@ def load_metrics(specs, device, chosen):
         try:
             fn = progrpo.build_reward(spec, device)
         except (RunError, OSError, ValueError, ImportError) as e:
-            hint = "" if chosen else "; list the metrics that load with --metrics (e.g. --metrics jpeg_compressibility)"
+            hint = "" if chosen else ("; list the metrics that load with --metrics "
+                                      "(e.g. --metrics repro.scorers.JpegCompressibility)")
             raise RunError(f"metric '{label}' cannot load ({str(e).splitlines()[0]}){hint}") from None
         metrics.append((label, fn))
     return metrics
@@ -386,7 +387,8 @@ def main(argv=None):
         paper_label = {spec: label for label, spec in PAPER_METRICS}  # so the paper's rows line up
         specs = [(paper_label.get(s.strip(), s.strip()), s.strip()) for s in opts.metrics.split(",") if s.strip()]
     elif opts.preset == "demo":
-        specs = [(f"demo reward ({args.reward})", args.reward), ("JPEG compressibility", "jpeg_compressibility")]
+        specs = [(f"demo reward ({args.reward})", args.reward),
+                 ("JPEG compressibility", "repro.scorers.JpegCompressibility")]
     else:
         specs = list(PAPER_METRICS)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

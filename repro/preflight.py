@@ -244,7 +244,7 @@ def short_epoch(name, opts, device, tiny):
     to_score = x[:args.reward_batch_size]  # latents: score() decodes them
     with torch.no_grad():
         predict(model, sched, steps, x, text, rows, args, args.sample_batch_size)
-        score(pipe, to_score, prompts[:1] * len(to_score), reward_fn, args, dict(decodes=0, reward_calls=0))
+        score(pipe, to_score, prompts[:1] * len(to_score), reward_fn, args, dict(decodes=0))
 
     reset_peak(device)
     t0 = synced_time(device)
@@ -277,7 +277,7 @@ def short_epoch(name, opts, device, tiny):
     with torch.no_grad():
         s_eval = median_seconds(lambda: predict(model, sched, steps, x, text, rows, args, len(x)), device) / len(x)
         s_image = median_seconds(lambda: score(pipe, to_score, prompts[:1] * len(to_score), reward_fn, args,
-                                               dict(decodes=0, reward_calls=0)), device) / len(to_score)
+                                               dict(decodes=0)), device) / len(to_score)
     n_train = int(args.num_steps * args.timestep_fraction)
     seconds = dict(model=s_eval, decode=s_image, reward=0.0,  # decode holds decode and reward together
                    train=t_update / (len(adv) * n_train), reference=0.0)  # a trained step includes its reference

@@ -1,5 +1,5 @@
-"""Learned scorers: the paper's training rewards (PickScore, HPSv2.1, CLIP score) and evaluation metrics
-(Aesthetic, ImageReward), one preprocessing path for all.
+"""Rewards: the paper's learned training rewards (PickScore, HPSv2.1, CLIP score) and evaluation metrics
+(Aesthetic, ImageReward), one preprocessing path for all; and DDPO's weight-free JPEG (in)compressibility.
 
 Each follows progrpo's reward contract: `Name(device)` loads the model once and returns a callable
 `(images (N, 3, H, W) float in [0, 1] on any device, prompts: N str) -> (N,) fp32 CPU tensor`, so any one
@@ -32,10 +32,12 @@ Preprocessing, both scorers: what CLIP's preprocess (copied by ImageReward) does
 bicubic resize of the short side, centre crop, CLIP mean/std (`clip_preprocess`).
 """
 
+import io
 import json
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from progrpo import RunError
@@ -330,6 +332,26 @@ def PickScore(device, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-
 
 def CLIPScore(device, model="openai/clip-vit-large-patch14", processor="openai/clip-vit-large-patch14"):
     return ClipScore(device, model, processor, logit_scaled=False)
+
+
+def jpeg_size_kb(images):
+    """DDPO's compressibility measure: the size of each uint8 image saved as JPEG quality 95, in kB."""
+    sizes = []
+    for img in (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(img).save(buffer, format="JPEG", quality=95)
+        sizes.append(buffer.tell() / 1000)
+    return torch.tensor(sizes)
+
+
+def JpegCompressibility(device):
+    """DDPO's weight-free reward: minus the JPEG size in kB, so flat, simple images score higher."""
+    return lambda images, prompts: -jpeg_size_kb(images)
+
+
+def JpegIncompressibility(device):
+    """DDPO's other weight-free reward: the JPEG size in kB, so detailed images score higher."""
+    return lambda images, prompts: jpeg_size_kb(images)
 
 
 class HPSv2:

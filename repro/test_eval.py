@@ -13,7 +13,7 @@ from progrpo import RunError
 from repro import eval as ev
 from repro.tiny import colour_reward
 
-METRICS = "repro.tiny.Colour,jpeg_compressibility"
+METRICS = "repro.tiny.Colour,repro.scorers.JpegCompressibility"
 
 
 def _trained(tiny_dir, folder, full_finetune, kind="flow"):
@@ -46,7 +46,7 @@ def test_table_rows_weights_seeds_and_geneval(tiny_dir, tmp_path):
 
     md = (out / "eval.md").read_text().splitlines()
     header = next(i for i, line in enumerate(md) if line.startswith("| model |"))
-    assert md[header] == "| model | repro.tiny.Colour | jpeg_compressibility |"
+    assert md[header] == "| model | repro.tiny.Colour | repro.scorers.JpegCompressibility |"
     rows = [line for line in md[header + 2:] if line.startswith("|")]
     assert len(rows) == 3 and rows[0].startswith("| base: ") and "(LoRA)" in rows[1] and "(full fine-tune)" in rows[2]
     assert all(re.fullmatch(r"\| .+ \| -?\d+\.\d{4} ± \d+\.\d{4} \| -?\d+\.\d{4} ± \d+\.\d{4} \|", r) for r in rows)
