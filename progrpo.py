@@ -762,7 +762,7 @@ def main(args):
             with open(out_dir / "prune_audit.jsonl", "a") as f:
                 f.writelines(json.dumps(dict(epoch=epoch, **a)) + "\n" for a in audit)
             history.append(metrics)
-            log(metrics, epoch, grid if "eval/reward_mean" in metrics else None, adv.cpu())
+            log(metrics, epoch, grid if "eval/reward_mean" in metrics else None, adv)
             if "eval/reward_mean" in metrics:
                 plot_rewards(history, out_dir / "reward_curve.png")  # redrawn at every evaluation
             epochs.write(summary_line(metrics, args))
@@ -811,9 +811,14 @@ def family(pipe):
     return "flow" if hasattr(pipe, "transformer") else "ddim"
 
 
+def denoiser_key(pipe):
+    """The pipeline component being fine-tuned, and its folder name when saved: 'transformer' (SD3) or 'unet'."""
+    return "transformer" if family(pipe) == "flow" else "unet"
+
+
 def denoiser(pipe):
     """The network being fine-tuned: the SD3 transformer or the SD1 UNet."""
-    return pipe.transformer if family(pipe) == "flow" else pipe.unet
+    return getattr(pipe, denoiser_key(pipe))
 
 
 def load_pipeline(name_or_path, dtype, full_finetune=False):
@@ -1020,7 +1025,7 @@ def evaluate_saved(pipe, reward_fn, prompts, args, out_dir):
     if (weights / WEIGHT_FILES[0]).is_file():
         pipe.load_lora_weights(str(weights))
     else:
-        key = "transformer" if family(pipe) == "flow" else "unet"
+        key = denoiser_key(pipe)
         trained = type(denoiser(pipe)).from_pretrained(weights / key, dtype=torch.float32)
         setattr(pipe, key, trained.to(denoiser(pipe).device).requires_grad_(False))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1050,7 +1055,7 @@ def make_logger(args, out_dir):
             writer.add_scalar(name, value, epoch)
         if grid is not None:
             writer.add_image("eval/grid", np.asarray(Image.open(grid).convert("RGB")), epoch, dataformats="HWC")
-        writer.add_histogram("policy/advantages", adv, epoch)
+        writer.add_histogram("policy/advantages", adv.cpu(), epoch)  # the only device-to-host copy of adv
         writer.flush()
 
     def close():
@@ -1161,8 +1166,7 @@ def save_weights(pipe, directory, full_finetune):
     killed half-way leaves the previous files intact."""
     from peft.utils import get_peft_model_state_dict
 
-    tmp, model = Path(directory) / ".saving", denoiser(pipe)
-    key = "transformer" if family(pipe) == "flow" else "unet"
+    tmp, model, key = Path(directory) / ".saving", denoiser(pipe), denoiser_key(pipe)
     if full_finetune:
         model.save_pretrained(tmp / key)
     else:

@@ -179,7 +179,7 @@ def load_model(args, weights, device):
     from safetensors import safe_open
 
     pipe = progrpo.load_pipeline(args.pretrained_model_name_or_path, progrpo.DTYPES[args.mixed_precision])
-    key = "transformer" if progrpo.family(pipe) == "flow" else "unet"
+    key = progrpo.denoiser_key(pipe)
     if weights is not None and weight_kind(weights, key) == "lora":
         path = Path(weights) / "pytorch_lora_weights.safetensors"
         with safe_open(path, "pt") as f:
@@ -402,7 +402,7 @@ def main(argv=None):
     names = []
     for label, w in models:
         pipe = load_model(args, w, device)
-        key = "transformer" if progrpo.family(pipe) == "flow" else "unet"
+        key = progrpo.denoiser_key(pipe)
         name = (f"base: {args.pretrained_model_name_or_path}" if w is None else
                 f"{label} ({'LoRA' if weight_kind(w, key) == 'lora' else 'full fine-tune'})")
         names.append(name)
