@@ -361,11 +361,11 @@ def tiny_args(**overrides):
     return progrpo.Args(**{**base, **overrides})
 
 
-def test_tiny_pipeline_round_trips_through_from_pretrained(tmp_path):
-    """The tiny pipeline saved to a folder loads back through the real from_pretrained path, same outputs."""
+def test_tiny_pipeline_round_trips_through_from_pretrained(tiny_dir):
+    """The tiny pipeline saved to a folder (the session's, by save_tiny) loads back through the real
+    from_pretrained path, same outputs."""
     pipe = tiny_models.build_tiny_pipeline()
-    pipe.save_pretrained(tmp_path)
-    loaded = progrpo.load_pipeline(str(tmp_path), torch.float32)
+    loaded = progrpo.load_pipeline(str(tiny_dir / "flow"), torch.float32)
     args = tiny_args()
     out = [progrpo.sample_deterministic(p, progrpo.encode_prompts(p, ["a red cat"], 16), args, 4, seed=0) for p in (pipe, loaded)]
     assert torch.equal(out[0], out[1]) and out[0].std() > 0.05  # and the decoder really carries colour
@@ -696,7 +696,11 @@ def test_bad_input_is_refused_before_any_model_loads(monkeypatch, tmp_path, tiny
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("flags, message", [BAD_INPUTS[4], BAD_INPUTS[-3]])
+CLI_BAD_INPUTS = [case for case in BAD_INPUTS if case[1] in ("unknown reward 'beauty'",
+                                                              "model folder './no/such/model' does not exist")]
+
+
+@pytest.mark.parametrize("flags, message", CLI_BAD_INPUTS)
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, tiny_dir, flags, message):
     """On the command line a bad input is one line on stderr, exit code 2, no traceback."""
     result = run_cli(*short_run(tiny_dir), "--output_dir", str(tmp_path / "out"), *flags, cwd=tmp_path)

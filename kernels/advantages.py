@@ -49,6 +49,11 @@ def group_advantages_torch(rewards, group_ids, eps=1e-4, clip=5.0, global_std=Fa
     return adv.clamp(-clip, clip)
 
 
+def adv_tolerance(max_abs_reward, std, eps):
+    """The advantage tolerance: ADV_ATOL plus ADV_ULPS fp32 ulps of max|R|, scaled by 1 / (std + eps)."""
+    return ADV_ATOL + ADV_ULPS * 2**-23 * max_abs_reward / (std + eps)
+
+
 def _self_check(adv, rewards, group_ids, eps, clip, global_std):
     """First Triton call of the process: `adv` must equal the reference within ADV_ATOL + ADV_ULPS ulps.
 
@@ -56,7 +61,7 @@ def _self_check(adv, rewards, group_ids, eps, clip, global_std):
     """
     r = rewards.detach().float().reshape(-1)
     std = _deviation_and_std(r, group_ids, global_std)[1]
-    tol = ADV_ATOL + ADV_ULPS * 2**-23 * r.abs().max() / (std + eps)  # (N,)
+    tol = adv_tolerance(r.abs().max(), std, eps)  # (N,)
     ref = group_advantages_torch(rewards, group_ids, eps, clip, global_std)
     verify_against_reference("group_advantages", rewards.dtype, [("adv", adv, ref, 0.0, tol)])
 

@@ -22,7 +22,7 @@ import kernels  # noqa: E402
 from kernels import gaussian_step_logprob_torch, group_advantages, group_advantages_torch  # noqa: E402
 from kernels import ddim_logprob, sde_logprob  # noqa: E402
 from kernels import advantages, gaussian_step  # noqa: E402
-from kernels.advantages import ADV_ATOL, ADV_ULPS  # noqa: E402  (the tolerances the self-check uses too)
+from kernels.advantages import adv_tolerance  # noqa: E402  (the tolerance the self-check uses too)
 from kernels.gaussian_step import FWD_ATOL, FWD_RTOL, GRAD_ATOL_SCALE, grad_tolerance  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -228,7 +228,7 @@ def brute_force_advantages(rewards, ids, eps, clip, global_std):
         std = all_std if global_std else math.sqrt(sum((a - mean) ** 2 for a in members) / len(members))
         constant = (len(set(r)) if global_std else len(set(members))) == 1
         out.append(0.0 if constant else max(-clip, min(clip, (ri - mean) / (std + eps))))
-        tol.append(ADV_ATOL + ADV_ULPS * 2**-23 * max(map(abs, r)) / (std + eps))
+        tol.append(adv_tolerance(max(map(abs, r)), std, eps))
     return torch.tensor(out, dtype=torch.float64), torch.tensor(tol, dtype=torch.float64)
 
 
@@ -386,8 +386,9 @@ def test_compile_table_is_the_launch_table():
     for v_type in ("*fp32", "*bf16", "*fp16"):
         for has_ref in (False, True):
             assert (v_type, v_type, has_ref) in fwd and (v_type, "*fp32", has_ref) in fwd
-    launched = {g.launch_dtypes(a, b) for a in g.DTYPES for b in g.DTYPES}
-    assert {("*" + g.DTYPES[v], "*" + g.DTYPES[x]) for v, x in launched} == {(v, x) for v, x, _ in fwd}
+    launched = {g.launch_dtypes(a, b) for a in g.DTYPES for b in g.DTYPES}  # every input pair -> a compiled one
+    expected = {("*fp32", "*fp32"), ("*bf16", "*bf16"), ("*bf16", "*fp32"), ("*fp16", "*fp16"), ("*fp16", "*fp32")}
+    assert {("*" + g.DTYPES[v], "*" + g.DTYPES[x]) for v, x in launched} == expected == {(v, x) for v, x, _ in fwd}
     with pytest.raises(ValueError, match="use backend='torch'"):
         g.launch_dtypes(torch.float64, torch.float32)
 
