@@ -41,9 +41,9 @@ import progrpo
 from repro.flops import call_flops, epoch_flops
 
 
-def epoch_total_flops(args):
-    """FLOPs of one epoch of `args` on its model: per-call FLOPs counted on the real model x the schedule's counts."""
-    schedule = progrpo.validate(args)
+def per_call_flops(args):
+    """FLOPs per model call, decode, reward call and train step, counted on the real model. The methods differ only
+    in group size and pruning, so one count serves them all."""
     device = torch.device("cpu")
     pipe = progrpo.load_pipeline(args.pretrained_model_name_or_path, progrpo.DTYPES[args.mixed_precision],
                                  args.full_finetune)
@@ -51,7 +51,12 @@ def epoch_total_flops(args):
     reward_fn = progrpo.build_reward(args.reward, device)
     prompt = progrpo.read_prompts(args.prompts)[0]
     text = progrpo.encode_prompts(pipe, [prompt], args.max_sequence_length)
-    return epoch_flops(call_flops(pipe, reward_fn, text, prompt, args), args, schedule)["total"]
+    return call_flops(pipe, reward_fn, text, prompt, args)
+
+
+def epoch_total_flops(args, per_call=None):
+    """FLOPs of one epoch of `args`: the per-call FLOPs (counted here unless given) x the schedule's counts."""
+    return epoch_flops(per_call or per_call_flops(args), args, progrpo.validate(args))["total"]
 
 
 COMPARE_METHODS = {  # the demo task's four ways to spend the same compute (`bash run.sh compare`)
@@ -208,9 +213,10 @@ def compare(args, seeds, max_flops, grid=None, jobs=1, diagnose_epochs=0):
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     per_epoch, runs = {}, {}
+    per_call = per_call_flops(args)  # the model, VAE and reward loaded once for all four methods
     for name, changes in COMPARE_METHODS.items():
         method = dataclasses.replace(args, **changes)
-        per_epoch[name] = epoch_total_flops(method)
+        per_epoch[name] = epoch_total_flops(method, per_call)
         method = dataclasses.replace(method, num_epochs=math.ceil(max_flops / per_epoch[name]))  # first at budget
         for seed, cell in itertools.product(range(seeds), cells):
             runs[name, cell_name(cell), seed] = dataclasses.replace(

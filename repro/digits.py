@@ -295,10 +295,8 @@ def pretrain(pipe, pixels, labels, steps, batch_size=64, lr=2e-3, drop_caption=0
         loss.backward()
         opt.step()
         sched.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p, 1 - decay)
+            progrpo.ema_update(ema, params, step, decay=ema_decay, every=1)  # Flow-GRPO's schedule, every step
         running += loss.item()
         if log and (step + 1) % 100 == 0:
             log(f"step {step + 1}/{steps} | flow-matching loss {running / 100:.4f} | {time.time() - t0:.0f}s")

@@ -212,8 +212,7 @@ def evaluate_model(pipe, prompts, metrics, args, images_per_prompt, keep=()):
             seed = progrpo.trajectory_seed(args.seed, "eval", c, j)
             images = progrpo.sample_deterministic(pipe, text, args, args.eval_steps, seed)  # (n, 3, H, W)
             for m, (_, fn) in enumerate(metrics):
-                s = fn(images, chunk).float()
-                scores[start:start + len(chunk), j, m] = s if s.ndim == 1 else s[:, 0]
+                scores[start:start + len(chunk), j, m] = fn(images, chunk)[:, 0]  # build_reward's sum
             for r in range(len(chunk)):
                 seeds[start + r, j] = progrpo.trajectory_seed(seed, "eval", r, 0)  # sample_deterministic's seed
                 if (start + r, j) in keep:
