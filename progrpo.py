@@ -1019,15 +1019,28 @@ def plot_rewards(history, path):
 WEIGHT_FILES = ("pytorch_lora_weights.safetensors", "transformer", "unet")  # what save_weights writes
 
 
+def load_trained_weights(pipe, folder):
+    """What save_weights wrote (an output or checkpoint folder) into `pipe`: a LoRA through diffusers'
+    load_lora_weights, checked to land on every one of its layers (diffusers only warns), or the full denoiser."""
+    from safetensors import safe_open
+
+    lora, key = Path(folder) / WEIGHT_FILES[0], denoiser_key(pipe)
+    if not lora.is_file():
+        trained = type(denoiser(pipe)).from_pretrained(Path(folder) / key, dtype=torch.float32)  # the master copy
+        setattr(pipe, key, trained.to(denoiser(pipe).device).requires_grad_(False).eval())
+        return
+    with safe_open(lora, "pt") as f:
+        expected = sum(".lora_A." in name for name in f.keys())
+    pipe.load_lora_weights(str(folder))
+    loaded = sum(".lora_A." in name for name, _ in denoiser(pipe).named_parameters())
+    if expected == 0 or loaded != expected:
+        raise RunError(f"{lora}: {loaded} of its {expected} LoRA layers fit this {key}; is it a LoRA of this model?")
+
+
 def evaluate_saved(pipe, reward_fn, prompts, args, out_dir):
     """--eval_only: the weights of an output or checkpoint folder, evaluated as training evaluates."""
     weights = Path(args.eval_only)
-    if (weights / WEIGHT_FILES[0]).is_file():
-        pipe.load_lora_weights(str(weights))
-    else:
-        key = denoiser_key(pipe)
-        trained = type(denoiser(pipe)).from_pretrained(weights / key, dtype=torch.float32)
-        setattr(pipe, key, trained.to(denoiser(pipe).device).requires_grad_(False))
+    load_trained_weights(pipe, weights)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"weights": str(weights), "eval/reward_mean": evaluate(pipe, reward_fn, prompts, args,
                                                                    out_dir / "eval_only.png")}

@@ -172,26 +172,14 @@ def weight_kind(folder, key=None):
 def load_model(args, weights, device):
     """The base pipeline (weights None) or the base with a LoRA folder / a full fine-tune's denoiser loaded on it.
 
-    A LoRA is loaded with diffusers' `pipe.load_lora_weights`, as users load it; since diffusers only warns about
-    LoRA tensors that match no layer, every LoRA layer of the file is checked to have landed on the denoiser, so a
-    LoRA of another model cannot pass for the base model's numbers.
+    progrpo.load_trained_weights loads it as --eval_only does: a LoRA through diffusers' `pipe.load_lora_weights`,
+    as users load it, each of its layers checked to have landed, so a LoRA of another model cannot pass for the
+    base model's numbers.
     """
-    from safetensors import safe_open
-
     pipe = progrpo.load_pipeline(args.pretrained_model_name_or_path, progrpo.DTYPES[args.mixed_precision])
-    key = progrpo.denoiser_key(pipe)
-    if weights is not None and weight_kind(weights, key) == "lora":
-        path = Path(weights) / "pytorch_lora_weights.safetensors"
-        with safe_open(path, "pt") as f:
-            expected = sum(".lora_A." in k for k in f.keys())
-        pipe.load_lora_weights(weights)
-        loaded = sum(".lora_A." in n for n, _ in progrpo.denoiser(pipe).named_parameters())
-        if expected == 0 or loaded != expected:
-            raise RunError(f"{path}: {loaded} of its {expected} LoRA layers fit this {key}; "
-                           f"is it a LoRA of {args.pretrained_model_name_or_path}?")
-    elif weights is not None:  # a full fine-tune: its denoiser in fp32, its master copy (as load_pipeline does)
-        model = type(progrpo.denoiser(pipe)).from_pretrained(Path(weights) / key, torch_dtype=torch.float32)
-        setattr(pipe, key, model.requires_grad_(False).eval())
+    if weights is not None:
+        weight_kind(weights, progrpo.denoiser_key(pipe))  # a folder without weights is named, with its checkpoints
+        progrpo.load_trained_weights(pipe, weights)
     return pipe.to(device)
 
 
