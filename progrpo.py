@@ -29,10 +29,10 @@ Diffusion models (x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, a_t = alphas_cumprod[t
 Both: log-prob = log N(x_next; mean, step std^2) averaged over C*H*W; OVF S* = argmax_{|S| = K} Var(R_S), whose
 optimum is the j lowest and K - j highest; loss = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))) + beta KL.
 
-Precision (--mixed_precision), as Flow-GRPO runs it through accelerate: frozen weights in the half dtype,
-trainable weights and optimiser state fp32, the denoiser's forward under torch.autocast, fp16 with a dynamic loss
-scaler (without it the update's gradient underflows to exactly 0 at SD3.5-M's latent size), the sampler's step
-math, log-probs, advantages and the VAE in fp32. CPU autocast runs the same path, so the tests see it.
+Precision (--mixed_precision), as Flow-GRPO runs it through accelerate: frozen weights in the half dtype, trainable
+weights and optimiser state fp32, the denoiser's forward under torch.autocast, fp16 with a dynamic loss scaler
+(without it the update's gradient underflows to exactly 0 at SD3.5-M's latent size), the sampler's step math,
+log-probs, advantages and the VAE in fp32. CPU autocast runs the same path, so the tests see it.
 
 Departures from Flow-GRPO: (1) groups are expanded and pruned in the sampling loop (`--prune none`: plain GRPO);
 (2) each trajectory has its own generator seeded by (seed, epoch, prompt, member), so a survivor is the
@@ -45,12 +45,9 @@ Glossary: B prompts, G group size (G_max expanded), K survivors, T steps, x late
 a_t alphas_cumprod, `out` the guided model output in the sampler's terms (v or eps), `sched` the sampler's
 per-step tensors, mean / std of a step, logp_old (sampling), logp_new (update), ratio, adv; `b_` a minibatch.
 
-The method comes first (config, math, rollout, update, loop), then what a port edits (the model family), then
-plumbing. The paper's analytics live in repro/, reading metrics.jsonl and prune_audit.jsonl; this file never
-imports them.
-
-Run: `bash run.sh` (CPU demo), `bash run.sh test`, `bash run.sh sd35` (SD3.5-M, PickScore, 48 -> 24 -> 12),
-`bash run.sh sd14` (SD-v1.4, HPSv2.1, 48 -> 32 -> 8), `python progrpo.py --help` (every flag).
+Layout: config, math, rollout, update, loop; then what a port edits (the model family); then plumbing. Optional
+beside it: kernels/ (fused Triton), progrpo_outputs.py (pictures, loggers, --eval_only). The analytics live in repro/,
+which reads metrics.jsonl and prune_audit.jsonl. Run: `bash run.sh` (CPU demo), `python progrpo.py --help`.
 """
 
 from __future__ import annotations
@@ -63,16 +60,13 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 
@@ -88,6 +82,10 @@ def _our_kernels():
 
 
 kernels = _our_kernels()
+try:  # progrpo_outputs.py beside this file (optional): sample grids, loggers, model card, --eval_only
+    import progrpo_outputs
+except ImportError:
+    progrpo_outputs = None
 
 
 # ---- Config. Defaults are the paper's SD3.5-Medium Pro-GRPO setting (Flow-GRPO values where it is silent).
@@ -164,7 +162,6 @@ def parse_args(argv=None) -> Args:
 
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed_precision
-REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 class RunError(Exception):
@@ -178,23 +175,20 @@ def validate(args):
         schedule = parse_prune_schedule(args.prune, args.num_steps, args.group_size)
     except ValueError as e:
         raise RunError(str(e)) from None
-    at_least = dict(num_epochs=1, num_eval_prompts=1, eval_steps=1, checkpointing_steps=1, rank=1, lora_alpha=1,
-                    max_sequence_length=1, resolution=16, prompts_per_epoch=1, sample_batch_size=1,
-                    decode_batch_size=1, reward_batch_size=1, train_batch_size=1, updates_per_epoch=1, eval_every=0,
-                    checkpoints_total_limit=0)
-    for name, low in at_least.items():
-        if getattr(args, name) < low:
-            raise RunError(f"--{name} must be at least {low} (got {getattr(args, name)})")
-    for name in ("clip_range", "adv_clip_max", "max_grad_norm", "noise_level"):
-        if not getattr(args, name) > 0:  # also refuses NaN
-            raise RunError(f"--{name} must be positive (got {getattr(args, name)})")
-    for name, allowed in (("report_to", REPORT_TO), ("mixed_precision", tuple(DTYPES))):
-        if getattr(args, name) not in allowed:
-            raise RunError(f"--{name} must be {', '.join(allowed[:-1])} or {allowed[-1]} (got '{getattr(args, name)}')")
+    floor = dict(num_epochs=1, num_eval_prompts=1, eval_steps=1, checkpointing_steps=1, rank=1, lora_alpha=1,
+                 max_sequence_length=1, resolution=16, prompts_per_epoch=1, sample_batch_size=1, decode_batch_size=1,
+                 reward_batch_size=1, train_batch_size=1, updates_per_epoch=1, eval_every=0, checkpoints_total_limit=0)
+    problems = [(getattr(args, name) < low, f"--{name} must be at least {low} (got {getattr(args, name)})")
+                for name, low in floor.items()]  # (what is wrong, what to say), checked in this order
+    problems += [(not getattr(args, name) > 0, f"--{name} must be positive (got {getattr(args, name)})")  # NaN too
+                 for name in ("clip_range", "adv_clip_max", "max_grad_norm", "noise_level")]
+    for name, allowed in (("report_to", ("none", "tensorboard", "wandb")), ("mixed_precision", tuple(DTYPES))):
+        message = f"--{name} must be {', '.join(allowed[:-1])} or {allowed[-1]} (got '{getattr(args, name)}')"
+        problems.append((getattr(args, name) not in allowed, message))
     last = schedule[-1][1] if schedule else args.group_size  # the group left when sampling ends
     model, resume, out = args.pretrained_model_name_or_path, args.resume_from_checkpoint, Path(args.output_dir)
     is_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~")) and not os.path.exists(model)
-    problems = [  # (what is wrong, what to say)
+    problems += [
         (not (args.learning_rate >= 0 and args.adam_weight_decay >= 0 and args.beta >= 0),
          "--learning_rate, --adam_weight_decay and --beta must be >= 0 (--learning_rate 0 is a dry run)"),
         (not (0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1),
@@ -210,6 +204,8 @@ def validate(args):
         (resume not in ("", "latest") and not (Path(resume) / "training_state.pt").is_file(),
          f"no training_state.pt in checkpoint folder '{resume}'"),
         (out.exists() and not out.is_dir(), f"--output_dir '{args.output_dir}' is a file, not a folder"),
+        ((args.report_to != "none" or args.eval_only) and not progrpo_outputs,
+         "--report_to and --eval_only need progrpo_outputs.py beside progrpo.py"),
         (args.eval_only and not any((Path(args.eval_only) / f).exists() for f in WEIGHT_FILES),
          f"--eval_only '{args.eval_only}' holds no {', '.join(WEIGHT_FILES)}"),
     ]
@@ -242,11 +238,9 @@ def flow_std(sigma, sigma_next, noise_level):
 
 def sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, prev_sample=None, noise=None):
     """One Flow-GRPO SDE step from sigma to sigma_next, and the log-prob of the step taken.
-
     v, x: (B, C, H, W) model output and latent; sigma, sigma_next: (B,); noise_level: the float a. Give
     prev_sample to score a stored step (the update), or noise ~ N(0, 1) to draw one. Returns (prev_sample,
-    log_prob (B,), prev_sample_mean, std_dev_t (B,)); a = 0 is the Euler ODE step x + v dt, with log_prob None.
-    """
+    log_prob (B,), prev_sample_mean, std_dev_t (B,)); a = 0 is the Euler ODE step x + v dt, with log_prob None."""
     v, x = v.float(), x.float()
     std_dev_t = _per_sample(flow_std(sigma, sigma_next, noise_level), x)
     sigma, sigma_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
@@ -262,11 +256,9 @@ def sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, prev_sample=None
 
 def ddim_step_with_logprob(eps, x, alpha_prod_t, alpha_prod_t_prev, eta, prev_sample=None, noise=None):
     """One DDIM step (DDPO's ddim_step_with_logprob) and the log-prob of the step taken.
-
     eps, x: (B, C, H, W) predicted noise and latent; alpha_prod_t, alpha_prod_t_prev: (B,) alphas_cumprod at t
     and at prev_t = t - 1000 / T (clamped at 0: the last step ends at alphas_cumprod[0]). eta = 1 is DDPM-like
-    ancestral sampling, eta = 0 deterministic DDIM (log_prob None). Returns what sde_step_with_logprob does.
-    """
+    ancestral sampling, eta = 0 deterministic DDIM (log_prob None). Returns what sde_step_with_logprob does."""
     eps, x = eps.float(), x.float()
     a_t, a_prev = _per_sample(alpha_prod_t, x), _per_sample(alpha_prod_t_prev, x)
     x0_hat = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # what project_x0 gives
@@ -281,11 +273,9 @@ def ddim_step_with_logprob(eps, x, alpha_prod_t, alpha_prod_t_prev, eta, prev_sa
 
 def ovf_select(rewards, k):
     """Optimal Variance Filtering: the increasing indices of the size-k subset of largest (population) variance.
-
     A max-variance subset is always the j lowest and the k - j highest rewards for some j (an interior member
     swapped for an outside value farther from the subset mean raises the variance), so sort once and scan j
-    with prefix sums: O(G log G), exact. Equal rewards are ordered by index.
-    """
+    with prefix sums: O(G log G), exact. Equal rewards are ordered by index."""
     rewards = torch.as_tensor(rewards, dtype=torch.float64).flatten().cpu()
     n = rewards.numel()
     if not 1 <= k <= n:
@@ -307,10 +297,8 @@ def ovf_select(rewards, k):
 
 def group_advantages(rewards, group_ids, eps=1e-4, clip=5.0, global_std=False):
     """A_i = (R_i - mean_g) / (std_g + eps) within each group g, population std, clipped to |A| <= clip; fp32 (N,).
-
     A group of equal rewards gets exactly 0, detected as max == min, not std == 0: the fp32 mean of equal
-    values need not equal them, which would leave a std of ~1e-6. global_std: Flow-GRPO's batch std.
-    """
+    values need not equal them, which would leave a std of ~1e-6. global_std: Flow-GRPO's batch std."""
     rewards = rewards.to(torch.float32)
     _, gid = torch.unique(group_ids, return_inverse=True)  # (N,) group index 0..n_groups-1
     zeros = torch.zeros(int(gid.max()) + 1, device=rewards.device)
@@ -419,21 +407,17 @@ def trajectory_seed(seed, epoch, prompt, member):
     return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}/{prompt}/{member}".encode()).digest()[:8], "little") >> 1
 
 
-def autocast(device, dtype):
-    """The denoiser's forward under torch.autocast in the half dtype; fp32 runs as it is."""
-    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-
-
 def predict(model, sched, i, x, text, prompt_idx, args, batch_size):
     """Guided model output o = o_uncond + g (o_text - o_uncond) for x (N, C, h, w) at steps i (N,), prompts
     prompt_idx (N,), in micro-batches; fp32 v (flow) or eps (diffusion). Sampling and the update both call it,
     so both see the same CFG, dtype and conditioning: the first update step reproduces the sampling log-probs."""
     negative = len(text["embeds"]) - 1  # the empty prompt's row (see encode_prompts)
+    dtype = DTYPES[args.mixed_precision]  # the forward under autocast in the half dtype; fp32 runs as it is
     out = []
     for b_x, b_i, b_p in zip(x.split(batch_size), i.split(batch_size), prompt_idx.split(batch_size)):
         rows = torch.cat([torch.full_like(b_p, negative), b_p])  # (2n,) unconditional half first
         t = sched["timesteps"][b_i]
-        with autocast(x.device, DTYPES[args.mixed_precision]):
+        with nullcontext() if dtype == torch.float32 else torch.autocast(x.device.type, dtype=dtype):
             o = denoise(model, torch.cat([b_x, b_x]), torch.cat([t, t]), text, rows)  # (2n, C, h, w)
         o_uncond, o_text = o.float().chunk(2)  # everything after the forward is fp32
         out.append(o_uncond + args.guidance_scale * (o_text - o_uncond))
@@ -477,8 +461,7 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids=No
     every trajectory's noise, so a rank sampling a share of the batch samples what one process would. Returns
     the survivors, rows sorted by trajectory id = prompt * G_max + member: latents (N, T + 1, C, h, w) fp32,
     log_probs (N, T), rewards (N,), reward_terms (N, n_terms), prompt_idx (N,), member (N,); the counters
-    (NFE, images decoded and scored) and the per-prompt audit.
-    """
+    (NFE, images decoded and scored) and the per-prompt audit."""
     model = denoiser(pipe)
     device = model.device
     B, G, T = len(prompts), args.group_size, args.num_steps
@@ -505,8 +488,7 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids=No
             keep = ovf_prune(proxy, keep_at[i], live, G, audit, i)  # (B K_i,) rows of the survivors
             # pruned trajectories stop here: drop their rows everywhere so their memory is released
             live, x, out, steps = live[keep], x[keep], out[keep], steps[keep]
-            latents = [lat[keep] for lat in latents]
-            log_probs = [lp[keep] for lp in log_probs]
+            latents, log_probs = [lat[keep] for lat in latents], [lp[keep] for lp in log_probs]
         noise = torch.stack([torch.randn(shape, generator=generators[j], device=device) for j in live.tolist()])
         x, logp, _, _ = sampler_step(sched, steps, out, x, args.noise_level, noise=noise)
         latents.append(x)
@@ -515,8 +497,7 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids=No
     if args.ovf_after_sampling:  # the paper's static OVF: prune once, on true final rewards (audited as step T)
         keep = ovf_prune(rewards.view(B, -1), args.ovf_after_sampling, live, G, audit, T)
         live, rewards, terms = live[keep], rewards[keep], terms[keep]
-        latents = [lat[keep] for lat in latents]
-        log_probs = [lp[keep] for lp in log_probs]
+        latents, log_probs = [lat[keep] for lat in latents], [lp[keep] for lp in log_probs]
     for p, a in enumerate(audit):
         a.update(survivors=(live.view(B, -1)[p] % G).tolist(), final=rewards.view(B, -1)[p].tolist())
     samples = dict(latents=torch.stack(latents, 1), log_probs=torch.stack(log_probs, 1), rewards=rewards,
@@ -550,19 +531,17 @@ def train_epoch(pipe, params, optimizer, scaler, samples, adv, text, args, epoch
     in a random order per trajectory for diffusion models (DanceGRPO). The epoch's micro-batches are split
     into `updates_per_epoch` optimiser steps; under torchrun the gradients are averaged over ranks before
     clipping. `scaler` scales the fp16 loss (disabled otherwise); `ema` (tensors or None) follows the weights.
-    Returns per-(micro-batch, step) and per-optimiser-step statistics.
-    """
+    Returns per-(micro-batch, step) and per-optimiser-step statistics."""
     model = denoiser(pipe)
     device = model.device
     sched = sampler_schedule(pipe, args.num_steps, device)
     n_train = int(args.num_steps * args.timestep_fraction)
     g = torch.Generator().manual_seed(trajectory_seed(args.seed, epoch, "train", 0))
-    order = torch.randperm(len(adv), generator=g)
+    minibatches = torch.randperm(len(adv), generator=g).split(args.train_batch_size)  # draws first, then the steps
     if family(pipe) == "flow":
         step_order = torch.arange(n_train).repeat(len(adv), 1)  # (N, n_train)
     else:
         step_order = torch.stack([torch.randperm(n_train, generator=g) for _ in range(len(adv))])
-    minibatches = order.split(args.train_batch_size)
     info = {k: [] for k in ("loss", "ratio", "approx_kl", "clipfrac", "kl", "first_step_ratio_dev", "grad_norm",
                             "skipped")}
     bar = tqdm(total=len(minibatches) * n_train, desc=f"epoch {epoch} update", leave=False, disable=not progress)
@@ -623,7 +602,6 @@ def group_std(rewards):
 
 def epoch_metrics(epoch, rewards, terms, stats, audit, info, args, schedule):
     """One metrics.jsonl line from the survivors' rewards (B, K) and terms, the counters, audit and update."""
-    B = rewards.shape[0]
     metrics = {
         "epoch": epoch,
         "reward/mean": rewards.mean().item(),
@@ -633,11 +611,8 @@ def epoch_metrics(epoch, rewards, terms, stats, audit, info, args, schedule):
     }
     for (name, _, _), term in zip(parse_reward_spec(args.reward), terms.unbind(-1)):
         metrics[f"reward/{name}"] = term.mean().item()  # each term unweighted, beside the weighted sum
-    metrics.update({
-        "prune/started": args.group_size,
-        "prune/kept": rewards.shape[1],
-        "prune/nfe_saved": 1 - stats["nfe"] / (B * args.group_size * args.num_steps),
-    })
+    metrics.update({"prune/started": args.group_size, "prune/kept": rewards.shape[1],
+                    "prune/nfe_saved": 1 - stats["nfe"] / (len(rewards) * args.group_size * args.num_steps)})
     for k, (step, _) in enumerate(schedule):  # within-prompt proxy spread at each checkpoint, all live / kept
         checkpoints = [a["checkpoints"][k] for a in audit]
         kept = [[c["proxy"][c["members"].index(m)] for m in c["kept"]] for c in checkpoints]
@@ -673,15 +648,15 @@ def read_prompts(path):
 
 
 def start_outputs(args, out_dir, start_epoch):
-    """Rank 0's output folder: config.json, samples/, the metrics and audit files (a resumed run keeps the lines
-    of the epochs before start_epoch), and the --report_to logger, returned as (log, close)."""
+    """Rank 0's output folder: samples/, the metrics and audit files (a resumed run keeps the lines of the epochs
+    before start_epoch), and progrpo_outputs' (log, finish), or no-ops without it."""
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-    write_run_record(args, out_dir)
-    for name in ("metrics.jsonl", "prune_audit.jsonl"):
-        lines = (out_dir / name).read_text().splitlines() if (out_dir / name).exists() else []
-        kept = [line for line in lines if json.loads(line)["epoch"] < start_epoch]
-        (out_dir / name).write_text("".join(line + "\n" for line in kept))
-    return make_logger(args, out_dir)
+    for path in (out_dir / "metrics.jsonl", out_dir / "prune_audit.jsonl"):
+        lines = path.read_text().splitlines() if path.exists() else []
+        path.write_text("".join(line + "\n" for line in lines if json.loads(line)["epoch"] < start_epoch))
+    if progrpo_outputs is None:
+        return (lambda *_: None), (lambda *_: None)
+    return progrpo_outputs.start_run(args, out_dir)  # config.json now; tensorboard, curve, card as the run goes
 
 
 def main(args):
@@ -697,8 +672,13 @@ def main(args):
     dtype = DTYPES[args.mixed_precision]
     reward_fn = build_reward(args.reward, device)
     pipe = load_pipeline(args.pretrained_model_name_or_path, dtype, args.full_finetune).to(device)
-    if args.eval_only:
-        return evaluate_saved(pipe, reward_fn, eval_prompts, args, out_dir)
+    if args.eval_only:  # saved weights, loaded by progrpo_outputs and evaluated as training evaluates; no training
+        try:
+            progrpo_outputs.load_trained_weights(pipe, args.eval_only, denoiser_key(pipe))
+        except ValueError as e:  # a LoRA of another model
+            raise RunError(str(e)) from None
+        reward = evaluate(pipe, reward_fn, eval_prompts, args, out_dir / "eval_only.png")
+        return progrpo_outputs.write_eval_only(args.eval_only, reward, len(eval_prompts), out_dir)
     torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank
     params = trainable_parameters(pipe, args)
     if args.gradient_checkpointing:
@@ -708,7 +688,7 @@ def main(args):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only: bf16 has fp32's range
     ema = [p.detach().clone() for p in params] if args.ema else None
     start_epoch, history = load_checkpoint(checkpoint, pipe, params, optimizer, scaler, ema) if checkpoint else (0, [])
-    log, close_log = start_outputs(args, out_dir, start_epoch) if rank == 0 else (None, None)
+    log, finish_outputs = start_outputs(args, out_dir, start_epoch) if rank == 0 else (None, None)
     alive = live_counts(args.num_steps, args.group_size, schedule)
     dense = args.group_size * args.num_steps
     if rank == 0:
@@ -738,8 +718,7 @@ def main(args):
         # TRY NOT TO MODIFY: gather every rank's groups, log, evaluate and save on rank 0
         # per-tensor weight sums, equal on every rank when in sync (only under torchrun: .cpu() syncs the GPU)
         checksum = torch.stack([p.detach().double().sum() for p in params]).cpu() if world > 1 else None
-        K = len(samples["rewards"]) // len(prompts)
-        mine = (samples["rewards"].view(-1, K), samples["reward_terms"].view(-1, K, samples["reward_terms"].shape[1]))
+        mine = (samples["rewards"].view(len(prompts), -1), samples["reward_terms"].unflatten(0, (len(prompts), -1)))
         parts = gather((*mine, stats, audit, info, checksum))
         rewards = torch.cat([p[0] for p in parts])  # (B, K), rank-major order
         terms = torch.cat([p[1] for p in parts])  # (B, K, n_terms)
@@ -762,9 +741,7 @@ def main(args):
             with open(out_dir / "prune_audit.jsonl", "a") as f:
                 f.writelines(json.dumps(dict(epoch=epoch, **a)) + "\n" for a in audit)
             history.append(metrics)
-            log(metrics, epoch, grid if "eval/reward_mean" in metrics else None, adv)
-            if "eval/reward_mean" in metrics:
-                plot_rewards(history, out_dir / "reward_curve.png")  # redrawn at every evaluation
+            log(metrics, history, grid if "eval/reward_mean" in metrics else None, adv)
             epochs.write(summary_line(metrics, args))
             if (epoch + 1) % args.checkpointing_steps == 0:
                 save_checkpoint(out_dir / f"checkpoint-{epoch + 1}", epoch + 1, history, pipe, params, optimizer,
@@ -775,11 +752,9 @@ def main(args):
     if rank == 0:
         with ema_weights(params, ema):
             save_weights(pipe, out_dir, args.full_finetune)
-        plot_rewards(history, out_dir / "reward_curve.png")
-        write_model_card(args, out_dir, history)
-        close_log()
+        finish_outputs(history)  # reward_curve.png, the model card
         print(f"done: metrics {out_dir / 'metrics.jsonl'}, audit {out_dir / 'prune_audit.jsonl'}, grids "
-              f"{out_dir / 'samples'}, curve {out_dir / 'reward_curve.png'}, weights in {out_dir}")
+              f"{out_dir / 'samples'}, weights in {out_dir}")
     if world > 1:
         torch.distributed.destroy_process_group()
     return history
@@ -823,13 +798,10 @@ def denoiser(pipe):
 
 def load_pipeline(name_or_path, dtype, full_finetune=False):
     """A local folder or a hub id -> pipeline with frozen weights.
-
     Each component is loaded in its own dtype, never rounded first: the VAE in fp32 (an fp16 SD3 VAE overflows),
     a fully fine-tuned denoiser in fp32 (the trained master copy), the rest in `dtype`. SD1.x pipelines get
-    DDPO's DDIM scheduler and no safety checker (it would censor the images being scored).
-    """
+    DDPO's DDIM scheduler and no safety checker (it would censor the images being scored)."""
     from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
-
     trained = torch.float32 if full_finetune else dtype
     dtypes = dict(default=dtype, vae=torch.float32, transformer=trained, unet=trained)
     index = Path(name_or_path) / "model_index.json"
@@ -854,7 +826,6 @@ def trainable_parameters(pipe, args):
     """LoRA (peft) on the attention projections, or the whole denoiser with --full_finetune; fp32 either way.
     With LoRA the base weights stay frozen in their dtype; the KL's reference is the network, adapter off."""
     from peft import LoraConfig
-
     model = denoiser(pipe)
     if args.full_finetune:  # DanceGRPO's choice for SD-v1.4: every UNet weight, loaded in fp32
         model.float().requires_grad_(True)
@@ -974,145 +945,12 @@ def build_reward(spec, device):
 # ---- TRY NOT TO MODIFY: evaluation and outputs -------------------------------------------------------------
 
 def evaluate(pipe, reward_fn, prompts, args, grid_path):
-    """ODE samples on held-out prompts, one per prompt: their mean reward, and a captioned grid PNG."""
+    """ODE samples on held-out prompts, one per prompt: their mean reward (and with progrpo_outputs, a grid PNG)."""
     text = encode_prompts(pipe, prompts, args.max_sequence_length)
     images = sample_deterministic(pipe, text, args, args.eval_steps, args.seed)
-    save_grid(images, grid_path, ncol=min(4, len(prompts)), captions=prompts)
-    rewards = reward_fn(images, prompts)
-    return (rewards if rewards.ndim == 1 else rewards[:, 0]).mean().item()
-
-
-def save_grid(images, path, ncol, captions=None):
-    """(N, 3, H, W) in [0, 1] -> one PNG, small images enlarged (nearest) to ~128 px, each captioned below."""
-    n, _, h, w = images.shape
-    scale = max(1, 128 // h)
-    cell_w, cell_h, text_h = w * scale + 4, h * scale + 4, 12 if captions else 0
-    canvas = Image.new("RGB", (ncol * cell_w, math.ceil(n / ncol) * (cell_h + text_h)), "white")
-    pixels = (images.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    for k, img in enumerate(pixels):
-        left, top = k % ncol * cell_w + 2, k // ncol * (cell_h + text_h) + 2
-        canvas.paste(Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST), (left, top))
-        if captions:  # the default font is ~6 px a character
-            ImageDraw.Draw(canvas).text((left, top + h * scale + 1), captions[k][:cell_w // 6], fill="black")
-    canvas.save(path)
-
-
-def plot_rewards(history, path):
-    """reward_curve.png: the survivors' training reward and the evaluation reward against epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    evals = [m for m in history if "eval/reward_mean" in m]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([m["epoch"] for m in history], [m["reward/mean"] for m in history], label="train (survivors)")
-    ax.plot([m["epoch"] for m in evals], [m["eval/reward_mean"] for m in evals], "o-",
-            label="eval (ODE, held-out prompts)")
-    ax.set(xlabel="epoch", ylabel="reward")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-WEIGHT_FILES = ("pytorch_lora_weights.safetensors", "transformer", "unet")  # what save_weights writes
-
-
-def load_trained_weights(pipe, folder):
-    """What save_weights wrote (an output or checkpoint folder) into `pipe`: a LoRA through diffusers'
-    load_lora_weights, checked to land on every one of its layers (diffusers only warns), or the full denoiser."""
-    from safetensors import safe_open
-
-    lora, key = Path(folder) / WEIGHT_FILES[0], denoiser_key(pipe)
-    if not lora.is_file():
-        trained = type(denoiser(pipe)).from_pretrained(Path(folder) / key, dtype=torch.float32)  # the master copy
-        setattr(pipe, key, trained.to(denoiser(pipe).device).requires_grad_(False).eval())
-        return
-    with safe_open(lora, "pt") as f:
-        expected = sum(".lora_A." in name for name in f.keys())
-    pipe.load_lora_weights(str(folder))
-    loaded = sum(".lora_A." in name for name, _ in denoiser(pipe).named_parameters())
-    if expected == 0 or loaded != expected:
-        raise RunError(f"{lora}: {loaded} of its {expected} LoRA layers fit this {key}; is it a LoRA of this model?")
-
-
-def evaluate_saved(pipe, reward_fn, prompts, args, out_dir):
-    """--eval_only: the weights of an output or checkpoint folder, evaluated as training evaluates."""
-    weights = Path(args.eval_only)
-    load_trained_weights(pipe, weights)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"weights": str(weights), "eval/reward_mean": evaluate(pipe, reward_fn, prompts, args,
-                                                                   out_dir / "eval_only.png")}
-    (out_dir / "eval_only.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"eval reward {result['eval/reward_mean']:.4f} over {len(prompts)} held-out prompts; "
-          f"eval_only.png and eval_only.json in {out_dir}")
-    return [result]
-
-
-def make_logger(args, out_dir):
-    """(log, close) for --report_to: log(metrics, epoch, grid PNG or None, adv) writes tensorboard events
-    (out_dir/logs), which wandb mirrors; each package is imported only when asked for."""
-    if args.report_to == "none":
-        return (lambda *_: None), (lambda: None)
-    if args.report_to == "wandb":
-        import wandb
-
-        wandb.init(project="progrpo", config=dataclasses.asdict(args), dir=str(out_dir), sync_tensorboard=True)
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(out_dir / "logs"))
-
-    def log(metrics, epoch, grid, adv):
-        for name, value in metrics.items():
-            writer.add_scalar(name, value, epoch)
-        if grid is not None:
-            writer.add_image("eval/grid", np.asarray(Image.open(grid).convert("RGB")), epoch, dataformats="HWC")
-        writer.add_histogram("policy/advantages", adv.cpu(), epoch)  # the only device-to-host copy of adv
-        writer.flush()
-
-    def close():
-        writer.close()
-        if args.report_to == "wandb":
-            wandb.finish()
-
-    return log, close
-
-
-def write_run_record(args, out_dir):
-    """config.json: every flag, the package versions and the git commit, so a result can be traced to them."""
-    from importlib.metadata import version
-    from importlib.util import find_spec
-
-    packages = ("torch", "diffusers", "transformers", "peft", "triton")
-    record = dict(args=dataclasses.asdict(args), argv=sys.argv, git_commit=None,
-                  versions={name: version(name) if find_spec(name) else None for name in packages})
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True)
-        record["git_commit"] = git.stdout.strip() or None
-    except OSError:  # no git on this machine
-        pass
-    (out_dir / "config.json").write_text(json.dumps(record, indent=1) + "\n")
-
-
-def write_model_card(args, out_dir, history):
-    """README.md in the output folder: base model, reward, settings, final eval reward, and how to load it."""
-    evals = [m["eval/reward_mean"] for m in history if "eval/reward_mean" in m]
-    key = "unet" if (out_dir / "unet").is_dir() else "transformer"  # a full fine-tune's folder
-    load = (f'pipe.{key} = type(pipe.{key}).from_pretrained("{out_dir}", subfolder="{key}")' if args.full_finetune
-            else f'pipe.load_lora_weights("{out_dir}")')
-    settings = ("reward", "group_size", "prune", "ovf_after_sampling", "num_steps", "prompts_per_epoch",
-                "learning_rate", "clip_range", "beta", "mixed_precision", "full_finetune", "rank", "lora_alpha")
-    card = ["---", "library_name: diffusers", f"base_model: {args.pretrained_model_name_or_path}",
-            f"tags: [text-to-image, pro-grpo, grpo, {'full-finetune' if args.full_finetune else 'lora'}]", "---", "",
-            f"# Pro-GRPO fine-tune of {args.pretrained_model_name_or_path}", "",
-            f"{len(history)} epochs. Final eval reward (ODE, {args.eval_steps} steps, {args.num_eval_prompts} held-out "
-            f"prompts): {f'{evals[-1]:.4f}' if evals else 'not evaluated'}.", ""]
-    card += [f"- {name}: `{getattr(args, name)}`" for name in settings] + ["", "```python"]
-    card += ["from diffusers import DiffusionPipeline", "",
-             f'pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")', load, "```", ""]
-    (out_dir / "README.md").write_text("\n".join(card))
+    if progrpo_outputs is not None:
+        progrpo_outputs.save_grid(images, grid_path, ncol=min(4, len(prompts)), captions=prompts)
+    return reward_fn(images, prompts)[:, 0].mean().item()  # build_reward's weighted sum
 
 
 # ---- TRY NOT TO MODIFY: ranks, EMA, weights and checkpoints ------------------------------------------------
@@ -1162,15 +1000,16 @@ def ema_update(ema, params, step, decay=0.9, every=8):
 def ema_weights(params, ema):
     """Temporarily load the EMA weights (for evaluation and saving); a no-op without --ema."""
     current = [p.detach().clone() for p in params] if ema is not None else []
-    with torch.no_grad():
-        for p, e in zip(params, ema or []):
-            p.copy_(e)
+    for p, e in zip(params, ema or []):
+        p.data.copy_(e)  # .data: a copy outside autograd
     try:
         yield
     finally:
-        with torch.no_grad():
-            for p, c in zip(params, current):
-                p.copy_(c)
+        for p, c in zip(params, current):
+            p.data.copy_(c)
+
+
+WEIGHT_FILES = ("pytorch_lora_weights.safetensors", "transformer", "unet")  # what save_weights writes
 
 
 def save_weights(pipe, directory, full_finetune):
@@ -1178,7 +1017,6 @@ def save_weights(pipe, directory, full_finetune):
     as a diffusers model folder; written under a temporary folder, then each file renamed into place, so a save
     killed half-way leaves the previous files intact."""
     from peft.utils import get_peft_model_state_dict
-
     tmp, model, key = Path(directory) / ".saving", denoiser(pipe), denoiser_key(pipe)
     if full_finetune:
         model.save_pretrained(tmp / key)
@@ -1198,15 +1036,14 @@ def trained_names(pipe):
 
 
 def save_checkpoint(directory, epoch, history, pipe, params, optimizer, scaler, ema, args):
-    """The weights users load (EMA if on) and training_state.pt with the rest (optimiser, fp16 scaler, EMA, RNG),
-    renamed into place when complete: a run killed while writing it resumes from the previous checkpoint."""
+    """The weights users load (EMA if on) and training_state.pt with the rest (optimiser, fp16 scaler, EMA), renamed
+    into place when complete: a run killed while writing it resumes from the previous checkpoint. No RNG state:
+    every random draw after the LoRA initialisation comes from a generator seeded by (seed, epoch, ...)."""
     with ema_weights(params, ema):
         save_weights(pipe, directory, args.full_finetune)
     state = dict(epoch=epoch, history=history, names=trained_names(pipe), shapes=[tuple(p.shape) for p in params],
                  params=[p.detach().cpu() for p in params], optimizer=optimizer.state_dict(),
-                 scaler=scaler.state_dict(), ema=None if ema is None else [e.cpu() for e in ema],
-                 torch_rng=torch.get_rng_state(),
-                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+                 scaler=scaler.state_dict(), ema=None if ema is None else [e.cpu() for e in ema])
     torch.save(state, Path(directory) / "training_state.pt.tmp")
     os.replace(Path(directory) / "training_state.pt.tmp", Path(directory) / "training_state.pt")
 
@@ -1230,7 +1067,7 @@ def find_checkpoint(output_dir, spec):
 
 
 def load_checkpoint(directory, pipe, params, optimizer, scaler, ema):
-    """Restores weights, optimiser, loss scaler, EMA and RNG in place; returns (first epoch to run, history)."""
+    """Restores weights, optimiser, loss scaler and EMA in place; returns (first epoch to run, history)."""
     path = Path(directory) / "training_state.pt"
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -1241,14 +1078,10 @@ def load_checkpoint(directory, pipe, params, optimizer, scaler, ema):
     if not same or (state["ema"] is None) != (ema is None):
         raise RunError(f"checkpoint '{path}' does not match this run's trainable weights "
                        "(model, --rank, --full_finetune, --ema)")
-    with torch.no_grad():
-        for p, saved in zip(params + (ema or []), state["params"] + (state["ema"] or [])):
-            p.copy_(saved)
+    for p, saved in zip(params + (ema or []), state["params"] + (state["ema"] or [])):
+        p.data.copy_(saved)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["epoch"], state["history"]
 
 

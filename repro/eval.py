@@ -48,6 +48,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import progrpo
+import progrpo_outputs
 from progrpo import RunError
 
 ROOT = Path(__file__).resolve().parent.parent  # the repo root: run.sh, dataset/, outputs/
@@ -172,14 +173,18 @@ def weight_kind(folder, key=None):
 def load_model(args, weights, device):
     """The base pipeline (weights None) or the base with a LoRA folder / a full fine-tune's denoiser loaded on it.
 
-    progrpo.load_trained_weights loads it as --eval_only does: a LoRA through diffusers' `pipe.load_lora_weights`,
-    as users load it, each of its layers checked to have landed, so a LoRA of another model cannot pass for the
-    base model's numbers.
+    progrpo_outputs.load_trained_weights loads it as --eval_only does: a LoRA through diffusers'
+    `pipe.load_lora_weights`, as users load it, each of its layers checked to have landed, so a LoRA of another
+    model cannot pass for the base model's numbers.
     """
     pipe = progrpo.load_pipeline(args.pretrained_model_name_or_path, progrpo.DTYPES[args.mixed_precision])
     if weights is not None:
-        weight_kind(weights, progrpo.denoiser_key(pipe))  # a folder without weights is named, with its checkpoints
-        progrpo.load_trained_weights(pipe, weights)
+        key = progrpo.denoiser_key(pipe)
+        weight_kind(weights, key)  # a folder without weights is named, with its checkpoints
+        try:
+            progrpo_outputs.load_trained_weights(pipe, weights, key)
+        except ValueError as e:  # a LoRA of another model
+            raise RunError(str(e)) from None
     return pipe.to(device)
 
 
