@@ -735,6 +735,36 @@ def test_resume_latest_without_checkpoint_starts_fresh(tmp_path, tiny_dir):
     assert len(progrpo.main(args)) == 1
 
 
+def test_progrpo_py_copied_alone_trains_and_refuses_what_needs_its_siblings(tmp_path, tiny_dir):
+    """progrpo.py copied alone into a fork (no kernels/, no progrpo_outputs.py, no repro/) trains, writes
+    metrics.jsonl, prune_audit.jsonl and weights, and no pictures; --report_to and --eval_only, which need
+    progrpo_outputs.py, are one line and exit 2 before any model loads."""
+    fork = tmp_path / "fork"
+    fork.mkdir()
+    (fork / "progrpo.py").write_text((ROOT / "progrpo.py").read_text())
+    reward = "def Brightness(device):\n    return lambda images, prompts: images.mean((1, 2, 3))\n"
+    (fork / "brightness.py").write_text(reward)
+    flags = [flag if flag != "repro.tiny.Colour" else "brightness.Brightness" for flag in short_run(tiny_dir)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "progrpo.py", *flags, "--num_epochs", "2", "--eval_every", "1", *extra],
+                              capture_output=True, text=True, env=env, cwd=fork, timeout=300)
+
+    result = run("--output_dir", "out")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = fork / "out"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2 and (out / "prune_audit.jsonl").is_file()
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert "eval/reward_mean" in (out / "metrics.jsonl").read_text()  # it evaluates, without a grid
+    assert not list(out.rglob("*.png")) and not (out / "config.json").exists()
+    for extra in (["--report_to", "tensorboard"], ["--eval_only", "out"]):
+        result = run("--output_dir", "again", *extra)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and len(lines) == 1 and "need progrpo_outputs.py" in lines[0], result.stderr
+        assert "Traceback" not in result.stderr and "Loading pipeline" not in result.stderr + result.stdout
+
+
 def test_foreign_kernels_package_is_not_used(monkeypatch, tmp_path):
     """A top-level `kernels` that is not the folder beside progrpo.py (Hugging Face's hub package has that name) is
     ignored: progrpo.py copied alone into a fork keeps its own torch path."""
