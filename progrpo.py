@@ -84,7 +84,9 @@ def _our_kernels():
 kernels = _our_kernels()
 try:  # progrpo_outputs.py beside this file (optional): sample grids, loggers, model card, --eval_only
     import progrpo_outputs
-except ImportError:
+except ModuleNotFoundError as missing:
+    if missing.name != "progrpo_outputs":  # it is there but needs a package that is not: say so
+        raise
     progrpo_outputs = None
 
 
@@ -537,7 +539,7 @@ def train_epoch(pipe, params, optimizer, scaler, samples, adv, text, args, epoch
     sched = sampler_schedule(pipe, args.num_steps, device)
     n_train = int(args.num_steps * args.timestep_fraction)
     g = torch.Generator().manual_seed(trajectory_seed(args.seed, epoch, "train", 0))
-    minibatches = torch.randperm(len(adv), generator=g).split(args.train_batch_size)  # draws first, then the steps
+    minibatches = torch.randperm(len(adv), generator=g).split(args.train_batch_size)  # g's first draw; steps next
     if family(pipe) == "flow":
         step_order = torch.arange(n_train).repeat(len(adv), 1)  # (N, n_train)
     else:
@@ -942,7 +944,7 @@ def build_reward(spec, device):
     return reward_fn
 
 
-# ---- TRY NOT TO MODIFY: evaluation and outputs -------------------------------------------------------------
+# ---- TRY NOT TO MODIFY: evaluation ------------------------------------------------------------------------
 
 def evaluate(pipe, reward_fn, prompts, args, grid_path):
     """ODE samples on held-out prompts, one per prompt: their mean reward (and with progrpo_outputs, a grid PNG)."""

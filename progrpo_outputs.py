@@ -96,7 +96,8 @@ def save_grid(images, path, ncol, captions=None):
 def load_trained_weights(pipe, folder, key):
     """What progrpo.save_weights wrote (an output or checkpoint folder) into `pipe`, whose fine-tuned component is
     `key` ('transformer' or 'unet'): the full denoiser, or a LoRA through diffusers' load_lora_weights, checked to
-    land on every one of its layers (diffusers only warns). A LoRA of another model is a ValueError."""
+    land on every one of its layers (diffusers only warns). A LoRA of another model is a
+    ValueError. The file names keep in step with progrpo.WEIGHT_FILES."""
     from safetensors import safe_open
 
     model, lora = getattr(pipe, key), Path(folder) / "pytorch_lora_weights.safetensors"
@@ -115,6 +116,7 @@ def load_trained_weights(pipe, folder, key):
 def write_eval_only(weights, reward, n_prompts, out_dir):
     """--eval_only's record, eval_only.json (beside the grid eval_only.png), and its line on stdout."""
     result = {"weights": str(Path(weights)), "eval/reward_mean": reward}
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval_only.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"eval reward {reward:.4f} over {n_prompts} held-out prompts; eval_only.png and eval_only.json in {out_dir}")
     return [result]

@@ -765,6 +765,17 @@ def test_progrpo_py_copied_alone_trains_and_refuses_what_needs_its_siblings(tmp_
         assert "Traceback" not in result.stderr and "Loading pipeline" not in result.stderr + result.stdout
 
 
+def test_progrpo_outputs_that_cannot_import_is_not_mistaken_for_absent(tmp_path):
+    """A progrpo_outputs.py beside progrpo.py whose own import fails (a package missing) stops the import with
+    that package's name, instead of a run that silently writes no pictures."""
+    (tmp_path / "progrpo.py").write_text((ROOT / "progrpo.py").read_text())
+    (tmp_path / "progrpo_outputs.py").write_text("import a_package_this_machine_lacks\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", "import progrpo"], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 1 and "No module named 'a_package_this_machine_lacks'" in result.stderr
+
+
 def test_foreign_kernels_package_is_not_used(monkeypatch, tmp_path):
     """A top-level `kernels` that is not the folder beside progrpo.py (Hugging Face's hub package has that name) is
     ignored: progrpo.py copied alone into a fork keeps its own torch path."""
