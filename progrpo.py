@@ -650,9 +650,9 @@ def read_prompts(path):
 
 
 def start_outputs(args, out_dir, start_epoch):
-    """Rank 0's output folder: samples/, the metrics and audit files (a resumed run keeps the lines of the epochs
-    before start_epoch), and progrpo_outputs' (log, finish), or no-ops without it."""
-    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+    """Rank 0's output folder: the metrics and audit files (a resumed run keeps the lines of the epochs before
+    start_epoch), and progrpo_outputs' (log, finish), or no-ops without it (then no samples/ either)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     for path in (out_dir / "metrics.jsonl", out_dir / "prune_audit.jsonl"):
         lines = path.read_text().splitlines() if path.exists() else []
         path.write_text("".join(line + "\n" for line in lines if json.loads(line)["epoch"] < start_epoch))
@@ -755,8 +755,9 @@ def main(args):
         with ema_weights(params, ema):
             save_weights(pipe, out_dir, args.full_finetune)
         finish_outputs(history)  # reward_curve.png, the model card
-        print(f"done: metrics {out_dir / 'metrics.jsonl'}, audit {out_dir / 'prune_audit.jsonl'}, grids "
-              f"{out_dir / 'samples'}, weights in {out_dir}")
+        grids = f"grids {out_dir / 'samples'}, " if (out_dir / "samples").is_dir() else ""  # with progrpo_outputs
+        print(f"done: metrics {out_dir / 'metrics.jsonl'}, audit {out_dir / 'prune_audit.jsonl'}, {grids}"
+              f"weights in {out_dir}")
     if world > 1:
         torch.distributed.destroy_process_group()
     return history
