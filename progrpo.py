@@ -46,8 +46,8 @@ a_t alphas_cumprod, `out` the guided model output in the sampler's terms (v or e
 per-step tensors, mean / std of a step, logp_old (sampling), logp_new (update), ratio, adv; `b_` a minibatch.
 
 Layout: config, math, rollout, update, loop; then what a port edits (the model family); then plumbing. Optional
-beside it: kernels/ (fused Triton), progrpo_outputs.py (pictures, loggers, --eval_only). The analytics live in repro/,
-which reads metrics.jsonl and prune_audit.jsonl. Run: `bash run.sh` (CPU demo), `python progrpo.py --help`.
+beside it: progrpo_kernels/ (fused Triton), progrpo_outputs.py (pictures, loggers, --eval_only). The analytics live
+in repro/, which reads metrics.jsonl and prune_audit.jsonl. Run: `bash run.sh` (CPU demo), `python progrpo.py -h`.
 """
 
 from __future__ import annotations
@@ -70,18 +70,12 @@ import torch
 from tqdm.auto import tqdm
 
 
-def _our_kernels():
-    """kernels/ beside this file (Triton, the same numbers as the torch code here), or None. Hugging Face's hub
-    package is also called `kernels`: a fork that copies progrpo.py alone must not pick that one up."""
-    try:
-        import kernels
-    except ImportError:
-        return None
-    here = Path(__file__).resolve().parent / "kernels"
-    return kernels if Path(getattr(kernels, "__file__", None) or "/").resolve().parent == here else None
-
-
-kernels = _our_kernels()
+try:  # progrpo_kernels/ beside this file (optional): fused Triton kernels, the same numbers as the torch code here
+    import progrpo_kernels
+except ModuleNotFoundError as missing:
+    if missing.name != "progrpo_kernels":
+        raise
+    progrpo_kernels = None
 try:  # progrpo_outputs.py beside this file (optional): sample grids, loggers, model card, --eval_only
     import progrpo_outputs
 except ModuleNotFoundError as missing:
@@ -383,14 +377,14 @@ def step_logprob(sched, i, out, x, x_next, noise_level, out_ref=None):
     """Log-prob of stored steps x -> x_next under the current model output, and the KL to out_ref: for two
     Gaussians of one std, the mean over C*H*W of (mean - mean_ref)^2 / (2 std^2), the flow std without its
     sqrt(-dt) (Flow-GRPO). The fused kernels compute the same numbers."""
-    if kernels is None:
+    if progrpo_kernels is None:
         return step_logprob_torch(sched, i, out, x, x_next, noise_level, out_ref)
     if "sigma" in sched:
         sigma, sigma_next = sched["sigma"][i], sched["sigma_next"][i]
         std_dev_t = flow_std(sigma, sigma_next, noise_level)
-        return kernels.sde_logprob(out, x, x_next, sigma, sigma_next, std_dev_t, v_ref=out_ref)
+        return progrpo_kernels.sde_logprob(out, x, x_next, sigma, sigma_next, std_dev_t, v_ref=out_ref)
     a_t, a_prev = sched["alpha_prod_t"][i], sched["alpha_prod_t_prev"][i]
-    return kernels.ddim_logprob(out, x, x_next, a_t, a_prev, noise_level, eps_ref=out_ref)
+    return progrpo_kernels.ddim_logprob(out, x, x_next, a_t, a_prev, noise_level, eps_ref=out_ref)
 
 
 def step_logprob_torch(sched, i, out, x, x_next, noise_level, out_ref=None):
@@ -712,7 +706,7 @@ def main(args):
                                         progress=rank == 0)
         t1 = time.time()
         # ALGO LOGIC: 6-7 advantages over the survivors, then the clipped policy update
-        advantages_fn = kernels.group_advantages if kernels is not None else group_advantages  # same numbers
+        advantages_fn = progrpo_kernels.group_advantages if progrpo_kernels else group_advantages  # same numbers
         adv = advantages_fn(samples["rewards"], samples["prompt_idx"], clip=args.adv_clip_max,
                             global_std=args.global_std).to(device)
         info = train_epoch(pipe, params, optimizer, scaler, samples, adv, text, args, epoch, ema, progress=rank == 0)

@@ -3,7 +3,7 @@ config.json (flags, package versions, git commit), the captioned sample grid of 
 through --report_to tensorboard | wandb, reward_curve.png redrawn at every evaluation, a model card (README.md)
 with a loading snippet, and --eval_only's loading of saved weights (also repro.eval's).
 
-Optional, as kernels/ is: progrpo.py without this file still trains, evaluates, checkpoints, resumes and saves
+Optional, as progrpo_kernels/ is: progrpo.py without this file still trains, evaluates, checkpoints, resumes and saves
 weights, and writes metrics.jsonl and prune_audit.jsonl, but no pictures; it then refuses --report_to and
 --eval_only. Nothing here imports progrpo.py or changes what it trains.
 """

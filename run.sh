@@ -2,7 +2,7 @@
 # Pro-GRPO presets. Usage: bash run.sh [demo|test|bench|flops|compare|preflight|eval|sd35|sd35-flash|sd35-baseline|sd14|sd14-baseline|sd14-multi] [extra flags]
 #   (none) / demo   CPU demo: Pro-GRPO on a small pretrained SD3-class digits model and a learned digit reward
 #   test            the test suite (CPU, offline)
-#   bench           kernels/bench.py: Triton vs torch timings
+#   bench           progrpo_kernels/bench.py: Triton vs torch timings
 #   eval            the paper's evaluation: bash run.sh eval sd35|sd14|demo [--weights DIR ...] (repro/eval.py)
 #   sd35*           the paper's flow settings on a GPU (SD3.5-Medium, PickScore); needs `hf auth login`
 #   sd14*           the paper's diffusion settings on a GPU (SD-v1.4, DDIM eta 1, HPSv2.1)
@@ -163,10 +163,10 @@ case "$preset" in
         ;;
     test)  # open_clip's own code checks our HPSv2.1 scorer; --no-deps: its torchvision would not load beside CPU torch
         "$PY" -c "import open_clip" 2>/dev/null || "$PY" -m pip install -q --no-deps open_clip_torch ftfy wcwidth
-        HF_HUB_OFFLINE=1 "$PY" -m pytest -q test_progrpo.py kernels repro "$@"
+        HF_HUB_OFFLINE=1 "$PY" -m pytest -q test_progrpo.py progrpo_kernels repro "$@"
         ;;
     bench)
-        "$PY" -m kernels.bench "$@"
+        "$PY" -m progrpo_kernels.bench "$@"
         ;;
     compare)        # matched compute on the demo's digits task: 4 methods x grid x 3 seeds, 2 runs at a time
                     # (6 min measured on 2 idle cores, 45 min shared); the demo's flags but for what the methods vary

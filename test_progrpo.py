@@ -4,6 +4,7 @@ Each test says in its docstring the one property it pins.
 """
 
 import dataclasses
+import importlib.util
 import itertools
 import json
 import math
@@ -259,13 +260,13 @@ def test_bad_schedules_are_rejected(spec, group, message):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Parity with kernels/: progrpo.py's own torch path and kernels' references compute the same numbers
+# Parity with progrpo_kernels/: progrpo.py's own torch path and the kernels' references compute the same numbers
 # ---------------------------------------------------------------------------------------------------
 
 def test_step_logprob_torch_equals_the_kernels_reference():
     """progrpo.step_logprob_torch (the path without kernels/) gives kernels' reference log_prob and KL, flow
     (including a sigma == 1 first step) and DDIM, to fp32 round-off."""
-    from kernels import ddim_logprob, sde_logprob
+    from progrpo_kernels import ddim_logprob, sde_logprob
 
     gen = torch.Generator().manual_seed(3)
     v, x, x_next, v_ref = (torch.randn(3, 4, 6, 6, generator=gen) for _ in range(4))
@@ -285,8 +286,8 @@ def test_step_logprob_torch_equals_the_kernels_reference():
 @pytest.mark.parametrize("global_std", [False, True])
 def test_group_advantages_equal_the_kernels_reference(global_std):
     """progrpo.group_advantages equals kernels' reference (random groups, a singleton, a constant group of 7)."""
-    from kernels import group_advantages_torch
-    from kernels.advantages import ADV_ATOL
+    from progrpo_kernels import group_advantages_torch
+    from progrpo_kernels.advantages import ADV_ATOL
 
     gen = torch.Generator().manual_seed(9)
     ids = torch.tensor([5, 5, 5, 5, -2, 9, 9, 9, 9, 9, 9] + [0] * 7)[torch.randperm(18, generator=gen)]
@@ -432,14 +433,14 @@ def test_ratio_is_one_on_first_update_step(tiny):
 
 
 def test_update_math_is_the_same_without_kernels(monkeypatch):
-    """With kernels/ absent, progrpo's own torch path gives the same log-probs, KL and gradients."""
+    """With progrpo_kernels/ absent, progrpo's own torch path gives the same log-probs, KL and gradients."""
     g = torch.Generator().manual_seed(0)
     v, v_ref, x, x_next = (torch.randn(3, 4, 5, 7, generator=g) for _ in range(4))
     sigma, sigma_next = torch.tensor([1.0, 0.6, 0.2]), torch.tensor([0.9, 0.5, 0.0])
     results = []
     sched = dict(sigma=sigma, sigma_next=sigma_next)
-    for module in (progrpo.kernels, None):
-        monkeypatch.setattr(progrpo, "kernels", module)
+    for module in (progrpo.progrpo_kernels, None):
+        monkeypatch.setattr(progrpo, "progrpo_kernels", module)
         v_ = v.clone().requires_grad_(True)
         logp, kl = progrpo.step_logprob(sched, torch.arange(3), v_, x, x_next, 0.7, v_ref)
         (logp.sum() + kl.sum()).backward()
@@ -736,7 +737,7 @@ def test_resume_latest_without_checkpoint_starts_fresh(tmp_path, tiny_dir):
 
 
 def test_progrpo_py_copied_alone_trains_and_refuses_what_needs_its_siblings(tmp_path, tiny_dir):
-    """progrpo.py copied alone into a fork (no kernels/, no progrpo_outputs.py, no repro/) trains, writes
+    """progrpo.py copied alone into a fork (no progrpo_kernels/, no progrpo_outputs.py, no repro/) trains, writes
     metrics.jsonl, prune_audit.jsonl and weights, and no pictures; --report_to and --eval_only, which need
     progrpo_outputs.py, are one line and exit 2 before any model loads."""
     fork = tmp_path / "fork"
@@ -776,18 +777,35 @@ def test_progrpo_outputs_that_cannot_import_is_not_mistaken_for_absent(tmp_path)
     assert result.returncode == 1 and "No module named 'a_package_this_machine_lacks'" in result.stderr
 
 
-def test_foreign_kernels_package_is_not_used(monkeypatch, tmp_path):
-    """A top-level `kernels` that is not the folder beside progrpo.py (Hugging Face's hub package has that name) is
-    ignored: progrpo.py copied alone into a fork keeps its own torch path."""
-    foreign = tmp_path / "kernels"
-    foreign.mkdir()
-    (foreign / "__init__.py").write_text("")  # the hub package has no group_advantages
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "kernels")
-    assert progrpo._our_kernels() is None
-    monkeypatch.delitem(sys.modules, "kernels")
-    monkeypatch.syspath_prepend(str(ROOT))
-    assert progrpo._our_kernels() is not None and hasattr(progrpo._our_kernels(), "group_advantages")
+def top_level_names(root):
+    """The modules and packages a `python` started in root finds there first: *.py files and __init__.py folders."""
+    return {p.stem for p in root.glob("*.py")} | {p.parent.name for p in root.glob("*/__init__.py")}
+
+
+def test_no_top_level_name_shadows_an_installed_distribution(tmp_path):
+    """No module or package at the repository root has the top-level name of an installed distribution (ours
+    would be imported instead of it, as kernels/ once shadowed Hugging Face's `kernels`); a planted one is caught."""
+    import importlib.metadata
+
+    provided = importlib.metadata.packages_distributions()  # top-level name -> distributions providing it
+    assert not {name: provided[name] for name in top_level_names(ROOT) if name in provided}
+    (tmp_path / "numpy").mkdir()  # the check itself sees a clash: a folder named like an installed package
+    (tmp_path / "numpy" / "__init__.py").write_text("")
+    assert "numpy" in top_level_names(tmp_path) and "numpy" in provided
+
+
+def test_hub_kernels_imports_as_itself_from_the_repository_root():
+    """From the repository root `import kernels` is Hugging Face's package (transformers >= 5.25 imports it),
+    and progrpo still uses its own fused kernels, progrpo_kernels/."""
+    if importlib.util.find_spec("kernels") is None:
+        pytest.skip("Hugging Face's kernels package is not installed (transformers < 5.25)")
+    code = "import kernels, progrpo; print(kernels.__file__); print(progrpo.progrpo_kernels.__file__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    theirs, ours = (Path(line).resolve() for line in result.stdout.split())
+    assert theirs.parent.parent.name in ("site-packages", "dist-packages"), theirs  # an installed distribution
+    assert ours.parent == ROOT / "progrpo_kernels"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""Tests for kernels/: Triton == torch reference == the baselines' own step functions.
+"""Tests for progrpo_kernels/: Triton == torch reference == the baselines' own step functions.
 
 Without a GPU the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton
-is imported), so shapes are small and odd. Run: TRITON_INTERPRET=1 python -m pytest -q kernels/test_kernels.py
+is imported), so shapes are small and odd. Run: TRITON_INTERPRET=1 python -m pytest -q progrpo_kernels/test_kernels.py
 """
 
 import os
@@ -9,7 +9,7 @@ import os
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton / kernels are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton / progrpo_kernels are imported
 
 import math  # noqa: E402
 import subprocess  # noqa: E402
@@ -18,15 +18,15 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import gaussian_step_logprob_torch, group_advantages, group_advantages_torch  # noqa: E402
-from kernels import ddim_logprob, sde_logprob  # noqa: E402
-from kernels import advantages, gaussian_step  # noqa: E402
-from kernels.advantages import adv_tolerance  # noqa: E402  (the tolerance the self-check uses too)
-from kernels.gaussian_step import FWD_ATOL, FWD_RTOL, GRAD_ATOL_SCALE, grad_tolerance  # noqa: E402
+import progrpo_kernels  # noqa: E402
+from progrpo_kernels import gaussian_step_logprob_torch, group_advantages, group_advantages_torch  # noqa: E402
+from progrpo_kernels import ddim_logprob, sde_logprob  # noqa: E402
+from progrpo_kernels import advantages, gaussian_step  # noqa: E402
+from progrpo_kernels.advantages import adv_tolerance  # noqa: E402  (the tolerance the self-check uses too)
+from progrpo_kernels.gaussian_step import FWD_ATOL, FWD_RTOL, GRAD_ATOL_SCALE, grad_tolerance  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = Path(__file__).resolve().parents[1] / "repro" / "reference"  # absent if kernels/ is copied alone
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "repro" / "reference"  # absent if copied alone
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 LOWP = (torch.float32, torch.bfloat16, torch.float16)
@@ -285,9 +285,9 @@ def run_python(*args, **env):
                           capture_output=True, text=True, timeout=120)
 
 
-CALL = ("import torch, kernels\n"
+CALL = ("import torch, progrpo_kernels\n"
         "v = torch.randn(2, 3, 4, requires_grad=True)\n"
-        "log_prob, _ = kernels.sde_logprob(v, v.detach(), v.detach(), torch.tensor([.5, .4]), "
+        "log_prob, _ = progrpo_kernels.sde_logprob(v, v.detach(), v.detach(), torch.tensor([.5, .4]), "
         "torch.tensor([.4, .3]), torch.tensor([.6, .7]){backend})\n"
         "graph, seen = [log_prob.grad_fn], []\n"  # every autograd node the log-prob depends on
         "while graph:\n"
@@ -299,7 +299,7 @@ CALL = ("import torch, kernels\n"
 
 def test_env_torch_selects_torch_and_env_triton_selects_triton():
     """PROGRPO_KERNELS=torch runs the torch graph even for CUDA; =triton (interpreter) runs the Triton Function."""
-    out = run_python("-c", CALL.format(backend="") + "print(kernels.resolve_backend('cuda'))",
+    out = run_python("-c", CALL.format(backend="") + "print(progrpo_kernels.resolve_backend('cuda'))",
                      PROGRPO_KERNELS="torch", TRITON_INTERPRET="1")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["unfused", "torch"]
@@ -314,8 +314,9 @@ def test_impossible_triton_request_raises():
     assert out.returncode != 0 and "RuntimeError: Triton backend requested for tensors on cpu" in out.stderr
     out = run_python("-c", CALL.format(backend=", backend='triton'"))
     assert out.returncode != 0 and "RuntimeError" in out.stderr
-    out = run_python("-c", "import torch, kernels\n"
-                     "kernels.group_advantages(torch.rand(4), torch.zeros(4, dtype=torch.long), backend='triton')")
+    out = run_python("-c", "import torch, progrpo_kernels\n"
+                     "progrpo_kernels.group_advantages(torch.rand(4), torch.zeros(4, dtype=torch.long), "
+                     "backend='triton')")
     assert out.returncode != 0 and "RuntimeError" in out.stderr
 
 
@@ -325,22 +326,21 @@ def test_invalid_env_value_raises_at_first_call_with_allowed_values():
     assert out.returncode != 0 and "ValueError: PROGRPO_KERNELS='gpu' is not valid" in out.stderr
     assert "auto, triton, torch" in out.stderr
     with pytest.raises(ValueError, match="auto, triton, torch"):
-        kernels.resolve_backend("cpu", backend="cuda")
+        progrpo_kernels.resolve_backend("cpu", backend="cuda")
 
 
 def test_import_never_raises_and_stays_cheap():
-    """`import kernels` (transformers 5 does it when probing for hub `kernels`): no raise, no triton, no __version__."""
-    out = run_python("-c", "import sys, kernels; print('triton' in sys.modules, hasattr(kernels, '__version__'))",
-                     PROGRPO_KERNELS="gpu")
+    """`import progrpo_kernels` neither raises (a bad PROGRPO_KERNELS waits for the first op) nor imports triton."""
+    out = run_python("-c", "import sys, progrpo_kernels; print('triton' in sys.modules)", PROGRPO_KERNELS="gpu")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.split() == ["False"]
 
 
 def test_import_without_triton_keeps_torch_path():
-    """With triton unimportable, kernels imports, auto uses torch, and an explicit Triton request raises."""
+    """With triton unimportable, progrpo_kernels imports, auto uses torch, and an explicit Triton request raises."""
     code = ("import sys; sys.modules['triton'] = None\n" + CALL.format(backend="")
-            + "print(kernels.triton_available(), kernels.resolve_backend('cuda'))\n"
-            + "kernels.sde_logprob(v, v, v, .5, .4, .6, backend='triton')")
+            + "print(progrpo_kernels.triton_available(), progrpo_kernels.resolve_backend('cuda'))\n"
+            + "progrpo_kernels.sde_logprob(v, v, v, .5, .4, .6, backend='triton')")
     out = run_python("-c", code, TRITON_INTERPRET="1")
     assert out.stdout.split()[1:] == ["False", "torch"], out.stderr
     assert out.returncode != 0 and "RuntimeError: Triton backend requested but triton is not importable" in out.stderr
@@ -349,8 +349,8 @@ def test_import_without_triton_keeps_torch_path():
 # ---- benchmark smoke run --------------------------------------------------------------------------------
 
 def test_bench_quick_runs():
-    """`python -m kernels.bench --quick` exits 0 and prints the table rows for the torch and eager paths."""
-    out = run_python("-m", "kernels.bench", "--quick")
+    """`python -m progrpo_kernels.bench --quick` exits 0 and prints the table rows for the torch and eager paths."""
+    out = run_python("-m", "progrpo_kernels.bench", "--quick")
     assert out.returncode == 0, out.stderr
     assert " eager " in out.stdout and " torch " in out.stdout
 
@@ -361,12 +361,12 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     """Every launch configuration of every Triton kernel builds to PTX and a cubin for sm_80 and sm_90.
 
     The interpreter the other tests use accepts code the compiler rejects, so this runs
-    `python -m kernels.compile_check` in a fresh process without TRITON_INTERPRET, with a cold cache.
+    `python -m progrpo_kernels.compile_check` in a fresh process without TRITON_INTERPRET, with a cold cache.
     """
-    from kernels import _advantages_triton, _gaussian_step_triton
+    from progrpo_kernels import _advantages_triton, _gaussian_step_triton
 
     expected = 2 * sum(len(list(m.compile_configs())) for m in (_gaussian_step_triton, _advantages_triton))
-    out = run_python("-m", "kernels.compile_check", "--cc", "80", "90", TRITON_CACHE_DIR=str(tmp_path),
+    out = run_python("-m", "progrpo_kernels.compile_check", "--cc", "80", "90", TRITON_CACHE_DIR=str(tmp_path),
                      TRITON_DEFAULT_FP_FUSION="1")  # the JIT's default, stated to silence triton 3.9's warning
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"{expected}/{expected} kernel configurations compiled for sm_80, sm_90" in out.stdout
@@ -379,7 +379,7 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
 
 def test_compile_table_is_the_launch_table():
     """The compile table covers bf16/fp16/fp32 with and without v_ref; the launcher maps any input dtypes into it."""
-    from kernels import _gaussian_step_triton as g
+    from progrpo_kernels import _gaussian_step_triton as g
 
     fwd = [(sig["v_ptr"], sig["x_ptr"], meta["HAS_REF"]) for k, sig, meta, _ in g.compile_configs()
            if k is g._gaussian_step_fwd_kernel]
@@ -398,7 +398,7 @@ def test_compile_table_is_the_launch_table():
 @pytest.fixture
 def fresh_process(monkeypatch):
     """As in a new process: no op has passed its self-check yet (restored after the test)."""
-    monkeypatch.setattr(kernels, "_self_checked", set())
+    monkeypatch.setattr(progrpo_kernels, "_self_checked", set())
 
 
 def step_inputs(dtype=torch.float32):
@@ -421,12 +421,12 @@ def test_self_check_runs_once_per_op_and_passes_on_the_real_kernels(fresh_proces
     for _ in range(3):
         group_advantages(rewards, ids, backend="triton")
     assert calls == ["gaussian_step_logprob_torch", "group_advantages_torch"]
-    assert not kernels.self_check_pending("gaussian_step") and not kernels.self_check_pending("group_advantages")
+    assert not any(map(progrpo_kernels.self_check_pending, ("gaussian_step", "group_advantages")))
 
 
 def test_self_check_raises_on_a_wrong_forward_gradient_or_advantage(fresh_process, monkeypatch):
     """A kernel result off by 0.1% (forward sum, gradient or advantage) raises, naming op, dtype, error, tolerance."""
-    from kernels import _advantages_triton, _gaussian_step_triton
+    from progrpo_kernels import _advantages_triton, _gaussian_step_triton
 
     v, x, x_next, v_ref, sched = step_inputs()
     fused = _gaussian_step_triton.GaussianStepSums
@@ -436,7 +436,7 @@ def test_self_check_raises_on_a_wrong_forward_gradient_or_advantage(fresh_proces
                r"\|triton - torch\| = [0-9.e-]+ where the tolerance is [0-9.e-]+ \(largest difference [0-9.e-]+\)")
     with pytest.raises(RuntimeError, match=message):
         sde_logprob(v, x, x_next, *sched, v_ref=v_ref, backend="triton")
-    assert kernels.self_check_pending("gaussian_step")  # a failed op is not trusted: the next call checks again
+    assert progrpo_kernels.self_check_pending("gaussian_step")  # a failed op is not trusted: the next call checks again
     monkeypatch.setattr(fused, "apply", real_apply)
     monkeypatch.setattr(fused, "backward", staticmethod(lambda ctx, *g: (1.001 * real_backward(ctx, *g)[0],)
                                                          + (None,) * 5))

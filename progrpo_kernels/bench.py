@@ -1,10 +1,10 @@
 """Benchmark the fused step log-prob against eager PyTorch.
 
-    python -m kernels.bench            # full table (GPU: all paths; CPU: torch paths only, ~10 s idle)
-    python -m kernels.bench --quick    # tiny smoke run, a few seconds
+    python -m progrpo_kernels.bench            # full table (GPU: all paths; CPU: torch paths only, ~10 s idle)
+    python -m progrpo_kernels.bench --quick    # tiny smoke run, a few seconds
 
 Paths timed, forward and forward+backward (backward = gradient w.r.t. the model output v):
-  triton  the fused kernels (kernels.gaussian_step, backend="triton"); needs a CUDA GPU to time
+  triton  the fused kernels (progrpo_kernels.gaussian_step, backend="triton"); needs a CUDA GPU to time
   torch   the fp32 torch reference the tests pin (gaussian_step_logprob_torch, via backend="torch")
   eager   the eager formula as Flow-GRPO / DDPO write it (sde_logprob_eager / ddim_logprob_eager, tested
           equal to the reference and to progrpo.py's own step functions): upcast, step mean,

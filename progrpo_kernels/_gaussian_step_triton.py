@@ -17,7 +17,7 @@ Launch table: the kernels are launched only with the (v, x) dtype pairs `launch_
 v_ref share one dtype, x and x_next another: one precision throughout, or a low-precision model output
 with fp32 latents, as progrpo's update has) and the constexprs of `constexprs(has_ref)` for has_ref in
 HAS_REF_VALUES; other inputs are upcast to such a pair first. `compile_configs()` enumerates exactly
-that table; the compile test (kernels/test_kernels.py) builds every entry for sm_80 and sm_90.
+that table; the compile test (progrpo_kernels/test_kernels.py) builds every entry for sm_80 and sm_90.
 """
 
 import itertools

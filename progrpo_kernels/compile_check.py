@@ -1,7 +1,7 @@
-"""Compile every Triton kernel of kernels/ for real CUDA targets, on a machine with or without a GPU.
+"""Compile every Triton kernel of progrpo_kernels/ for real CUDA targets, on a machine with or without a GPU.
 
-    python -m kernels.compile_check              # sm_80 (A100) and sm_90 (H100/H200)
-    python -m kernels.compile_check --cc 80 90 100
+    python -m progrpo_kernels.compile_check              # sm_80 (A100) and sm_90 (H100/H200)
+    python -m progrpo_kernels.compile_check --cc 80 90 100
 
 Why: without a GPU the tests run the kernels in Triton's CPU interpreter, which executes the Python
 body and accepts code the compiler rejects (a dtype the lowering does not support, a constexpr branch
@@ -10,7 +10,7 @@ module's `compile_configs()`, the table its launch code draws from; a @triton.ji
 *_kernel that the table misses is itself a failure) through the whole pipeline,
 TTIR -> TTGIR -> LLVM IR -> PTX -> cubin, with the ptxas shipped in the triton wheel. No GPU or driver is
 needed: the target is given explicitly. It cannot catch a wrong result, only code that does not build;
-the first-use self-check (kernels/__init__.py) catches wrong results on the device.
+the first-use self-check (progrpo_kernels/__init__.py) catches wrong results on the device.
 
 Must run without TRITON_INTERPRET=1 (the interpreter replaces the compiler); exits 1 on any failure,
 naming the kernel and configuration, 2 on bad arguments.
@@ -29,7 +29,7 @@ def _modules():
 
 
 def configs():
-    """(kernel, signature, constexprs, num_warps) for every launch of every Triton kernel in kernels/."""
+    """(kernel, signature, constexprs, num_warps) for every launch of every Triton kernel in progrpo_kernels/."""
     for module in _modules():
         yield from module.compile_configs()
 

@@ -18,12 +18,10 @@ Each op's `backend=` argument ("triton", "torch", or None for the setting above)
 with the same rules. An explicit Triton request is never silently downgraded: without triton, or with
 CPU tensors while TRITON_INTERPRET is not "1" (Triton's CPU interpreter, used by the tests), it raises.
 
-Why `import kernels` does nothing but define functions: transformers 5, while being imported, probes
-for the Hugging Face hub package that is also called `kernels` (is_kernels_available) and, finding no
-metadata, imports whatever top-level `kernels` is on sys.path: this package, when run from the repo
-root. So importing it must never raise and must stay cheap: PROGRPO_KERNELS is validated at the first
-op call, triton is imported the first time a Triton kernel runs, and there is deliberately no
-`__version__` (transformers would take this package for the hub one).
+Why the name: the user's layout calls this folder kernels/, but Hugging Face's `kernels` distribution (a
+dependency of transformers >= 5.25) has that top-level name, and a folder of ours called kernels/ shadowed it
+whenever the repository root was on sys.path. Importing this package stays cheap and never raises:
+PROGRPO_KERNELS is validated at the first op call and triton is imported the first time a Triton kernel runs.
 
 First-use self-check. The interpreter the CPU tests run accepts code the compiler rejects, and a
 compiled kernel can still be wrong on hardware no test has run on. So the first Triton call of each op

@@ -12,7 +12,7 @@ every reward is equal). Output fp32 (N,). Variances are two-pass (mean first, th
 rewards such as PickScore sit near 22 with a spread below 1, where E[R^2] - E[R]^2 loses digits in fp32.
 
 The Triton kernels are in _advantages_triton.py, imported the first time the Triton backend runs. The
-first Triton call of a process is compared with the reference (see kernels/__init__.py).
+first Triton call of a process is compared with the reference (see progrpo_kernels/__init__.py).
 """
 
 import torch

@@ -36,7 +36,7 @@ in v's dtype:
 Nothing (B, D)-sized is saved for backward beyond the inputs themselves.
 
 The Triton kernels (the two fused (B, D) sums and their autograd.Function) are in
-_gaussian_step_triton.py, imported the first time the Triton backend runs (see kernels/__init__.py for
+_gaussian_step_triton.py, imported the first time the Triton backend runs (see progrpo_kernels/__init__.py for
 why); this module turns the sums into log_prob and kl, so the dependency runs one way, from here to there.
 The first Triton call of a process is checked against the fp32 reference (see `_self_check`).
 
@@ -171,7 +171,7 @@ def sde_logprob(v, x, x_next, sigma, sigma_next, std_dev_t, v_ref=None, backend=
     """Flow-GRPO SDE step: (log_prob, kl) fp32 (B,), kl None without v_ref; differentiable in v.
 
     v, x, x_next (and v_ref): (B, ...) in fp32/bf16/fp16; sigma, sigma_next, std_dev_t: (B,) or scalars.
-    backend: "triton", "torch" or None (PROGRPO_KERNELS); see kernels/__init__.py.
+    backend: "triton", "torch" or None (PROGRPO_KERNELS); see progrpo_kernels/__init__.py.
     """
     return _gaussian_step(v, x, x_next, *_sde_coefficients(sigma, sigma_next, std_dev_t, v), v_ref, backend)
 
