@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Pro-GRPO presets. Usage: bash run.sh [demo|test|bench|flops|compare|preflight|eval|sd35|sd35-flash|sd35-baseline|sd14|sd14-baseline|sd14-multi] [extra flags]
+# Pro-GRPO presets. Usage: bash run.sh [demo|test|lock|bench|flops|compare|preflight|eval|sd35|sd35-flash|sd35-baseline|sd14|sd14-baseline|sd14-multi] [extra flags]
 #   (none) / demo   CPU demo: Pro-GRPO on a small pretrained SD3-class digits model and a learned digit reward
 #   test            the test suite (CPU, offline)
+#   lock            move requirements.lock to the newest releases that pass the suite
 #   bench           progrpo_kernels/bench.py: Triton vs torch timings
 #   eval            the paper's evaluation: bash run.sh eval sd35|sd14|demo [--weights DIR ...] (repro/eval.py)
 #   sd35*           the paper's flow settings on a GPU (SD3.5-Medium, PickScore); needs `hf auth login`
@@ -11,22 +12,41 @@ cd "$(dirname "$0")"
 preset="${1:-demo}"
 [ $# -gt 0 ] && shift
 
-# --- environment: .venv with requirements.txt; a CPU build of torch where there is no NVIDIA GPU ---
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-fi
-PY=.venv/bin/python
-if ! "$PY" -c "import torch" 2>/dev/null; then
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        "$PY" -m pip install -q torch
-    else  # plain `pip install torch` would pull a multi-GB CUDA build onto a CPU-only machine: the CPU
-          # index offers 2.13.0+cpu, which pip prefers; where that index is unreachable it fails fast
-        "$PY" -m pip install -q torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu --retries 0 --timeout 10
+# --- environment: .venv holding exactly the versions in requirements.lock (the set the suite last passed with) ---
+# The lock is a pip constraints file: plain pip reads it, it pins dependencies of dependencies too, and a pin for
+# a package this machine does not need is ignored. `bash run.sh lock` moves it forward (see the lock preset).
+LOCK=requirements.lock
+
+install_env() {  # install_env PYTHON CONSTRAINTS: torch as this machine needs it, requirements.txt, the test extras
+    local py="$1" constraints="$2" torch_version
+    torch_version=$(sed -n 's/^torch==//p' "$constraints")
+    if command -v nvidia-smi >/dev/null 2>&1; then  # the CUDA build pins its own triton and nvidia-* wheels
+        grep -v '^triton==' "$constraints" > "$constraints.cuda"
+        constraints="$constraints.cuda"
+        "$py" -m pip install -q "torch==$torch_version"
+    else  # plain `pip install torch` would pull a multi-GB CUDA build onto a CPU-only machine: the CPU index
+          # offers the +cpu build, which pip prefers; where that index is unreachable it fails fast
+        "$py" -m pip install -q "torch==$torch_version" --extra-index-url https://download.pytorch.org/whl/cpu \
+            --retries 0 --timeout 10
     fi
-fi
-if ! "$PY" -c "import diffusers, transformers, peft, matplotlib, pytest, tqdm" 2>/dev/null || [ requirements.txt -nt .venv/.installed ]; then
-    "$PY" -m pip install -q -r requirements.txt
-    touch .venv/.installed
+    "$py" -m pip install -q -r requirements.txt -c "$constraints"
+    # open_clip's own code checks our HPSv2.1 scorer; --no-deps: its torchvision would not load beside CPU torch
+    "$py" -m pip install -q --no-deps -c "$constraints" open_clip_torch ftfy wcwidth
+}
+
+setup_failed() {
+    echo "error: setting up .venv failed (pip says why above). It needs python3 >= 3.10 with venv (Debian:" \
+        "apt install python3-venv) and the package index; rm -rf .venv and rerun, or see README's Set-up" >&2
+    exit 2
+}
+
+PY=.venv/bin/python
+stamp="$(cat requirements.txt "$LOCK" | sha256sum | cut -c1-16)"  # a changed lock or requirements.txt reinstalls
+if [ "$preset" != lock ] && [ "$(cat .venv/.installed 2>/dev/null)" != "$stamp" ]; then
+    [ -x "$PY" ] || python3 -m venv .venv || { rm -rf .venv; setup_failed; }
+    cp "$LOCK" .venv/lock.txt  # install_env may write a .cuda variant beside it
+    install_env "$PY" .venv/lock.txt || setup_failed
+    echo "$stamp" > .venv/.installed
 fi
 
 fetch_pickscore_prompts() {  # Flow-GRPO ships the Pick-a-Pic v1 captions it trains on
@@ -161,9 +181,43 @@ case "$preset" in
             --beta 0 --output_dir outputs/demo "$@"
         echo "pictures: outputs/demo/samples/*.png, outputs/demo/reward_curve.png; metrics: outputs/demo/metrics.jsonl"
         ;;
-    test)  # open_clip's own code checks our HPSv2.1 scorer; --no-deps: its torchvision would not load beside CPU torch
-        "$PY" -c "import open_clip" 2>/dev/null || "$PY" -m pip install -q --no-deps open_clip_torch ftfy wcwidth
-        HF_HUB_OFFLINE=1 "$PY" -m pytest -q test_progrpo.py progrpo_kernels repro "$@"
+    test)           # PROGRPO_LOCK: the pins .venv was installed with, which a test compares with what is installed
+        used="$LOCK"
+        [ -f .venv/lock.txt.cuda ] && used=.venv/lock.txt.cuda
+        PROGRPO_LOCK="$used" HF_HUB_OFFLINE=1 "$PY" -m pytest -q test_progrpo.py progrpo_kernels repro "$@"
+        ;;
+    lock)           # move the lock forward: the newest releases in a throwaway venv, the suite run there, and the lock
+                    # rewritten only if it passes. Extra arguments are pip constraints: `bash run.sh lock torch==2.14.1`,
+                    # `bash run.sh lock 'transformers<5.26'`; torch stays at the locked version unless named.
+        tmp="$(mktemp -d)"
+        trap 'rm -rf "$tmp"' EXIT
+        grep '^torch==' "$LOCK" > "$tmp/constraints.txt"
+        for c in "$@"; do
+            case "$c" in torch==*) sed -i '/^torch==/d' "$tmp/constraints.txt" ;; esac
+            echo "$c" >> "$tmp/constraints.txt"
+        done
+        python3 -m venv "$tmp/venv" || setup_failed
+        echo "lock: installing the newest releases that satisfy requirements.txt and: $(tr '\n' ' ' < "$tmp/constraints.txt")"
+        if ! install_env "$tmp/venv/bin/python" "$tmp/constraints.txt"; then
+            echo "error: that set does not install (pip says why above); $LOCK is unchanged" >&2
+            exit 1
+        fi
+        "$tmp/venv/bin/python" -m pip freeze --exclude-editable | sed 's/^\(torch==[^+]*\)+.*/\1/' > "$tmp/freeze.txt"
+        changes="$(diff <(grep -v '^#' "$LOCK") "$tmp/freeze.txt" | sed -n 's/^> //p' | tr '\n' ' ')"
+        echo "lock: new versions: ${changes:-none}; running the suite with them (about 10 minutes on 2 cores)"
+        mkdir -p outputs/lock
+        if ! HF_HUB_OFFLINE=1 "$tmp/venv/bin/python" -m pytest -q -p no:cacheprovider test_progrpo.py progrpo_kernels \
+                repro > outputs/lock/pytest.log 2>&1; then
+            grep -E '^(FAILED|ERROR) ' outputs/lock/pytest.log | cut -c1-200 >&2 || true
+            echo "error: $(tail -n 1 outputs/lock/pytest.log) under the new versions: ${changes:-none};" \
+                "$LOCK is unchanged (log: outputs/lock/pytest.log)" >&2
+            exit 1
+        fi
+        { echo "# The versions the suite last passed with: \`bash run.sh lock\` wrote this on $(date -u +%F)," \
+               "Python $("$tmp/venv/bin/python" -c 'import platform; print(platform.python_version())'), $(uname -m), with"
+          echo "# '$(tail -n 1 outputs/lock/pytest.log)'. run.sh installs with pip -c $LOCK; requirements.txt: lower bounds."
+          cat "$tmp/freeze.txt"; } > "$LOCK"
+        echo "lock: $(tail -n 1 outputs/lock/pytest.log); $LOCK rewritten (git diff $LOCK shows what moved)"
         ;;
     bench)
         "$PY" -m progrpo_kernels.bench "$@"
@@ -218,7 +272,7 @@ case "$preset" in
             --output_dir outputs/sd14-multi "$@"
         ;;
     *)
-        echo "error: unknown preset '$preset'; choose demo, test, bench, flops, compare, preflight, eval, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline or sd14-multi" >&2
+        echo "error: unknown preset '$preset'; choose demo, test, lock, bench, flops, compare, preflight, eval, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline or sd14-multi" >&2
         exit 2
         ;;
 esac

@@ -794,6 +794,26 @@ def test_no_top_level_name_shadows_an_installed_distribution(tmp_path):
     assert "numpy" in top_level_names(tmp_path) and "numpy" in provided
 
 
+def test_the_suite_runs_on_the_lock():
+    """Under `bash run.sh test` every distribution requirements.lock pins is installed at exactly that version, and
+    every package requirements.txt asks for is pinned: what CI passes is what a fresh clone installs."""
+    import importlib.metadata
+    import re
+
+    if not os.environ.get("PROGRPO_LOCK"):
+        pytest.skip("not run through `bash run.sh test` (an environment of your own need not match the lock)")
+    pinned = dict(line.split("==") for line in Path(ROOT / os.environ["PROGRPO_LOCK"]).read_text().splitlines()
+                  if line and not line.startswith("#"))
+    norm = {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in pinned.items()}
+    wanted = [re.match(r"[A-Za-z0-9_.-]+", line)[0] for line in (ROOT / "requirements.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert [name for name in wanted if re.sub(r"[-_.]+", "-", name).lower() not in norm] == []
+    installed = {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version.split("+")[0]
+                 for d in importlib.metadata.distributions()}
+    assert {name: (version, installed.get(name)) for name, version in norm.items()
+            if installed.get(name) != version} == {}
+
+
 def test_hub_kernels_imports_as_itself_from_the_repository_root():
     """From the repository root `import kernels` is Hugging Face's package (transformers >= 5.25 imports it),
     and progrpo still uses its own fused kernels, progrpo_kernels/."""
