@@ -2,7 +2,7 @@
 
     python -m repro.eval sd35 --weights outputs/sd35      (bash run.sh eval sd35 --weights outputs/sd35)
     python -m repro.eval sd14 --weights outputs/sd14      (bash run.sh eval sd14 ...: fetches the HPSv2 benchmark)
-    python -m repro.eval demo                             (CPU, minutes: the demo's base model and its trained LoRA)
+    python -m repro.eval demo                             (CPU, minutes: the demo's base model and its LoRA)
     python -m repro.eval sd35 --weights a/checkpoint-100 --weights b --geneval evaluation_metadata.jsonl
 
 Why a separate command: progrpo.py's own `eval/reward_mean` scores a few held-out prompts with the training
@@ -366,8 +366,8 @@ def main(argv=None):
     if weights is None and opts.preset == "demo":  # the demo's trained LoRA, trained first when absent
         weights = [args.output_dir]
         if not (Path(args.output_dir) / "pytorch_lora_weights.safetensors").is_file():
-            print(f"no trained demo weights in {args.output_dir}: training them (bash run.sh demo --num_epochs 20)")
-            if subprocess.run(["bash", str(ROOT / "run.sh"), "demo", "--num_epochs", "20"]).returncode:
+            print(f"no trained demo weights in {args.output_dir}: training them first (bash run.sh demo)")
+            if subprocess.run(["bash", str(ROOT / "run.sh"), "demo"]).returncode:  # README's table: this LoRA
                 raise RunError("the demo's training failed (its output above says why)")
     for w in weights or []:  # before anything loads or samples
         weight_kind(w)
