@@ -32,7 +32,9 @@ optimum is the j lowest and K - j highest; loss = mean(max(-A r, -A clip(r, 1 - 
 Precision (--mixed_precision), as Flow-GRPO runs it through accelerate: frozen weights in the half dtype, trainable
 weights and optimiser state fp32, the denoiser's forward under torch.autocast, fp16 with a dynamic loss scaler
 (without it the update's gradient underflows to exactly 0 at SD3.5-M's latent size), the sampler's step math,
-log-probs, advantages and the VAE in fp32. CPU autocast runs the same path, so the tests see it.
+log-probs, advantages and the VAE in fp32. CPU autocast runs the same path, so the tests see it. In every precision
+an optimiser step whose gradient holds an inf or NaN is skipped (fp16's scaler also halves its scale), and an epoch
+whose every step failed so stops the run before it saves (see main).
 
 Departures from Flow-GRPO: (1) groups are expanded and pruned in the sampling loop (`--prune none`: plain GRPO);
 (2) each trajectory has its own generator seeded by (seed, epoch, prompt, member), so a survivor is the
@@ -527,6 +529,7 @@ def train_epoch(pipe, params, optimizer, scaler, samples, adv, text, args, epoch
     in a random order per trajectory for diffusion models (DanceGRPO). The epoch's micro-batches are split
     into `updates_per_epoch` optimiser steps; under torchrun the gradients are averaged over ranks before
     clipping. `scaler` scales the fp16 loss (disabled otherwise); `ema` (tensors or None) follows the weights.
+    A step whose gradient holds an inf or NaN is skipped, in every precision, and counted in `skipped`.
     Returns per-(micro-batch, step) and per-optimiser-step statistics."""
     model = denoiser(pipe)
     device = model.device
@@ -539,7 +542,7 @@ def train_epoch(pipe, params, optimizer, scaler, samples, adv, text, args, epoch
     else:
         step_order = torch.stack([torch.randperm(n_train, generator=g) for _ in range(len(adv))])
     info = {k: [] for k in ("loss", "ratio", "approx_kl", "clipfrac", "kl", "first_step_ratio_dev", "grad_norm",
-                            "skipped")}
+                            "skipped", "loss_scale")}
     bar = tqdm(total=len(minibatches) * n_train, desc=f"epoch {epoch} update", leave=False, disable=not progress)
     n_updates = min(args.updates_per_epoch, len(minibatches))
     for u, update in enumerate(torch.arange(len(minibatches)).tensor_split(n_updates)):
@@ -576,14 +579,17 @@ def train_epoch(pipe, params, optimizer, scaler, samples, adv, text, args, epoch
                     info["first_step_ratio_dev"].append((ratio - 1).abs().max())
                 bar.update()
         average_gradients(params)
-        scaler.unscale_(optimizer)  # true gradients for clipping; inf/NaN found here makes fp16 skip the step
-        info["grad_norm"].append(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
-        scale = scaler.get_scale()  # CPU-GPU sync, once per optimiser step, only with fp16
-        scaler.step(optimizer)
-        scaler.update()
-        info["skipped"].append(torch.tensor(float(scaler.get_scale() < scale)))  # the scaler backed off: skipped
+        scaler.unscale_(optimizer)  # true gradients for clipping; fp16's scaler notes any inf/NaN here
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # inf/NaN if any gradient is
+        finite = bool(torch.isfinite(grad_norm))  # CPU-GPU sync, once per optimiser step (fp16's scaler has its own)
+        info["grad_norm"].append(grad_norm)
+        info["skipped"].append(torch.tensor(float(not finite)))
+        info["loss_scale"].append(torch.tensor(scaler.get_scale()))  # this step's: 1 outside fp16
+        if finite:  # an inf/NaN gradient would poison the weights and AdamW's moments in every precision: skip it
+            scaler.step(optimizer)
+        scaler.update()  # fp16: after an inf/NaN gradient (found by unscale_) the scale halves
         optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
+        if ema is not None:  # it reads the weights, which a skipped step left as they were
             ema_update(ema, params, step=epoch * n_updates + u)
     bar.close()
     return {k: torch.stack(v).float().cpu() for k, v in info.items()}
@@ -739,12 +745,19 @@ def main(args):
             history.append(metrics)
             log(metrics, history, grid if "eval/reward_mean" in metrics else None, adv)
             epochs.write(summary_line(metrics, args))
-            if (epoch + 1) % args.checkpointing_steps == 0:
-                save_checkpoint(out_dir / f"checkpoint-{epoch + 1}", epoch + 1, history, pipe, params, optimizer,
-                                scaler, ema, args)
-                if args.checkpoints_total_limit:  # the oldest go first, never the one just written
-                    for old in complete_checkpoints(out_dir)[:-args.checkpoints_total_limit]:
-                        shutil.rmtree(old)
+        # A run whose steps keep failing stops, every rank at once (each holds every rank's info), before it saves.
+        # A step fails when it is skipped at a loss scale of 1 or less: in fp32 and bf16 any skipped step; fp16's
+        # scaler skips while it lowers its scale from 2^16 to one that fits; below 1 is "likely wrong" (torch).
+        if (info["skipped"].bool() & (info["loss_scale"] <= 1)).all():
+            raise RunError(f"every optimiser step of epoch {epoch} had an inf/NaN loss or gradient (policy/loss "
+                           f"{info['loss'].mean().item():.4g}) and was skipped; stopping before its checkpoint and the "
+                           "final weights are written (its policy/ figures are in metrics.jsonl)")
+        if rank == 0 and (epoch + 1) % args.checkpointing_steps == 0:
+            save_checkpoint(out_dir / f"checkpoint-{epoch + 1}", epoch + 1, history, pipe, params, optimizer, scaler,
+                            ema, args)
+            if args.checkpoints_total_limit:  # the oldest go first, never the one just written
+                for old in complete_checkpoints(out_dir)[:-args.checkpoints_total_limit]:
+                    shutil.rmtree(old)
     if rank == 0:
         with ema_weights(params, ema):
             save_weights(pipe, out_dir, args.full_finetune)

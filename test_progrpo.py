@@ -4,6 +4,7 @@ Each test says in its docstring the one property it pins.
 """
 
 import dataclasses
+import functools
 import importlib.util
 import itertools
 import json
@@ -580,6 +581,39 @@ def test_nan_reward_stops_the_run_naming_the_prompt(tiny):
         progrpo.rollout(pipe, text, prompts, nan_reward, tiny_args(), 0, [(2, 4), (4, 3)])
 
 
+def nan_loss(monkeypatch, every=True):
+    """Make train_epoch's PPO loss NaN (through its gradient too): at every step, or at its first step only."""
+    clip_loss, calls = progrpo.ppo_clip_loss, []
+
+    def poisoned(*args):
+        loss, ratio = clip_loss(*args)
+        calls.append(1)
+        return (loss * math.nan if every or len(calls) == 1 else loss), ratio
+
+    monkeypatch.setattr(progrpo, "ppo_clip_loss", poisoned)
+
+
+def test_a_nonfinite_gradient_skips_its_own_step_only(monkeypatch, tiny):
+    """fp32: a NaN loss in the epoch's first micro-batch skips that optimiser step (counted, NaN norm) and no other:
+    AdamW takes the second step alone, from zeroed gradients, and the weights stay finite."""
+    pipe, params, prompts, text = tiny
+    args = tiny_args(updates_per_epoch=2)  # 6 survivors in micro-batches of 4: two optimiser steps
+    samples, _, _ = progrpo.rollout(pipe, text, prompts, tiny_models.colour_reward, args, 0, [(2, 4), (4, 3)])
+    adv = progrpo.group_advantages(samples["rewards"], samples["prompt_idx"])
+    nan_loss(monkeypatch, every=False)
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    try:
+        info = progrpo.train_epoch(pipe, params, optimizer, NO_SCALER, samples, adv, text, args, 0)
+        after = [p.detach().clone() for p in params]
+    finally:
+        for p, b in zip(params, before):  # the module's other tests see the weights they expect
+            p.data.copy_(b)
+    assert info["skipped"].tolist() == [1, 0] and info["grad_norm"][0].isnan() and info["grad_norm"][1].isfinite()
+    assert all(optimizer.state[p]["step"] == 1 for p in params)
+    assert all(a.isfinite().all() for a in after) and not all(torch.equal(a, b) for a, b in zip(after, before))
+
+
 # ---------------------------------------------------------------------------------------------------
 # End to end, and the command line
 # ---------------------------------------------------------------------------------------------------
@@ -899,6 +933,69 @@ def test_resume_is_bit_exact_and_survives_a_killed_save(tmp_path, tiny_dir, prec
     with pytest.raises(progrpo.RunError, match="does not match"):  # another LoRA rank
         progrpo.main(dataclasses.replace(args, rank=8, output_dir=str(tmp_path / "resumed"),
                                          resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2")))
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+def test_nonfinite_loss_leaves_the_weights_and_stops_before_saving(monkeypatch, tmp_path, tiny_dir, precision):
+    """A loss that is NaN at every step, in fp32, bf16 and fp16: every optimiser step is skipped and counted, the
+    LoRA weights stay bit-identical to their initialisation, and a one-line RunError stops the run before that
+    epoch's checkpoint and the final weights. fp16's scaler first backs off (here from 4: skips at 4 and 2 are its
+    search for a scale, and checkpoint-1 holds the untouched weights); steps skipped at scale 1 fail."""
+    nan_loss(monkeypatch)
+    make_params, initial = progrpo.trainable_parameters, []
+
+    def keep_initial(pipe, args):
+        params = make_params(pipe, args)
+        initial.extend((p, p.detach().clone()) for p in params)
+        return params
+
+    monkeypatch.setattr(progrpo, "trainable_parameters", keep_initial)
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=4.0))
+    out = tmp_path / "out"
+    flags = ["--num_epochs", "3", "--checkpointing_steps", "1", "--updates_per_epoch", "2", "--mixed_precision",
+             precision, "--output_dir", str(out)]  # 12 survivors in micro-batches of 3: two steps per epoch
+    with pytest.raises(progrpo.RunError) as error:
+        progrpo.main(progrpo.parse_args(short_run(tiny_dir) + flags))
+    stop = 1 if precision == "fp16" else 0
+    assert str(error.value).startswith(f"every optimiser step of epoch {stop} had an inf/NaN loss or gradient")
+    assert "\n" not in str(error.value) and initial and all(torch.equal(p, p0) for p, p0 in initial)
+    assert [m["policy/skipped_steps"] for m in read_jsonl(out / "metrics.jsonl")] == [2] * (stop + 1)
+    assert sorted(d.name for d in out.glob("checkpoint-*")) == [f"checkpoint-{e + 1}" for e in range(stop)]
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    if precision == "fp16":
+        state = torch.load(out / "checkpoint-1" / "training_state.pt", weights_only=True)
+        assert state["scaler"]["scale"] == 1.0  # halved at each skip: 4 -> 2 -> 1
+        assert all(torch.equal(saved, p0) for saved, (_, p0) in zip(state["params"], initial))
+
+
+NAN_LOSS_REWARD = """import math
+
+import progrpo  # the running progrpo.py: it registers itself under this name for --reward code
+from repro.tiny import Colour
+
+clip_loss = progrpo.ppo_clip_loss
+
+
+def nan_loss(*args):
+    loss, ratio = clip_loss(*args)
+    return loss * math.nan, ratio
+
+
+progrpo.ppo_clip_loss = nan_loss
+"""
+
+
+def test_nonfinite_loss_on_the_command_line_is_one_line_and_exit_2(tmp_path, tiny_dir):
+    """On the command line a loss that is NaN at every step (patched in by a --reward module) ends with one error
+    line, exit code 2 and no traceback, and leaves no weights and no checkpoint."""
+    (tmp_path / "nan_loss.py").write_text(NAN_LOSS_REWARD)
+    out = tmp_path / "out"
+    flags = ["--reward", "nan_loss.Colour", "--num_epochs", "1", "--checkpointing_steps", "1", "--output_dir", str(out)]
+    result = run_cli(*short_run(tiny_dir), *flags, env={"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "every optimiser step of epoch 0" in lines[0] and "Traceback" not in result.stderr
+    assert not list(out.glob("checkpoint-*")) and not (out / "pytorch_lora_weights.safetensors").exists()
 
 
 def test_ema_schedule_and_swap():
