@@ -1079,11 +1079,11 @@ def find_checkpoint(output_dir, spec):
 def load_checkpoint(directory, pipe, params, optimizer, scaler, ema):
     """Restores weights, optimiser, loss scaler and EMA in place; returns (first epoch to run, history)."""
     path = Path(directory) / "training_state.pt"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: refuse it, naming it
-        raise RunError(f"checkpoint '{path}' is unreadable ({type(e).__name__}); "
-                       "delete it to resume from an earlier one") from None
+    try:  # data only (tensors, numbers, strings, lists, dicts): unpickling an object would run its class's code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file, or one holding objects: refuse it, naming it
+        raise RunError(f"checkpoint '{path}' is unreadable ({type(e).__name__}): truncated, or holding objects, "
+                       "which are never unpickled; delete it to resume from an earlier one") from None
     same = state["names"] == trained_names(pipe) and state["shapes"] == [tuple(p.shape) for p in params]
     if not same or (state["ema"] is None) != (ema is None):
         raise RunError(f"checkpoint '{path}' does not match this run's trainable weights "

@@ -912,7 +912,7 @@ def test_resume_is_bit_exact_and_survives_a_killed_save(tmp_path, tiny_dir, prec
     first = progrpo.main(dataclasses.replace(args, num_epochs=2, output_dir=str(tmp_path / "resumed")))
     assert without_times(first) == without_times(straight[:2])
     if precision == "fp16":
-        state = torch.load(tmp_path / "resumed" / "checkpoint-2" / "training_state.pt", weights_only=False)
+        state = torch.load(tmp_path / "resumed" / "checkpoint-2" / "training_state.pt", weights_only=True)
         assert state["scaler"]["scale"] > 0  # the scaler's state is in the checkpoint
     # a run killed while writing checkpoint-3 leaves only the temporary file: 'latest' skips it
     (tmp_path / "resumed" / "checkpoint-3").mkdir()
@@ -933,6 +933,29 @@ def test_resume_is_bit_exact_and_survives_a_killed_save(tmp_path, tiny_dir, prec
     with pytest.raises(progrpo.RunError, match="does not match"):  # another LoRA rank
         progrpo.main(dataclasses.replace(args, rank=8, output_dir=str(tmp_path / "resumed"),
                                          resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2")))
+
+
+class RunsCode:
+    """A pickled object whose unpickling makes a folder: code that a shared checkpoint could carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_checkpoint_holding_an_object_is_refused_without_running_it(tmp_path):
+    """training_state.pt loads as data only: one holding a pickled object is refused with one line naming it, and
+    the object's code never runs (loading the same file as code does run it: the test can fail)."""
+    folder, marker = tmp_path / "checkpoint-1", tmp_path / "ran"
+    folder.mkdir()
+    torch.save(dict(epoch=1, history=[RunsCode(marker)]), folder / "training_state.pt")
+    with pytest.raises(progrpo.RunError, match="checkpoint-1/training_state.pt' is unreadable") as error:
+        progrpo.load_checkpoint(folder, None, [], None, None, None)
+    assert "\n" not in str(error.value) and not marker.exists()
+    torch.load(folder / "training_state.pt", weights_only=False)
+    assert marker.is_dir()
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])

@@ -34,6 +34,7 @@ bicubic resize of the short side, centre crop, CLIP mean/std (`clip_preprocess`)
 
 import io
 import json
+import pickle
 
 import torch
 import torch.nn.functional as F
@@ -373,7 +374,11 @@ class HPSv2:
 
             checkpoint = hf_hub_download("xswu/HPSv2", "HPS_v2.1_compressed.pt")
         self.model = open_clip.create_model(arch, pretrained=None)
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        try:  # the published file is {'state_dict': tensors}: data, as hpsv2's own torch.load reads it (torch 2.6+)
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # it holds an object: unpickling it would run its class's code
+            raise RunError(f"HPSv2 checkpoint '{checkpoint}' holds objects besides tensors and is not loaded (that "
+                           "would run their code): use the published HPS_v2.1_compressed.pt") from None
         self.model.load_state_dict(state.get("state_dict", state))
         self.model = self.model.eval().requires_grad_(False).to(device)
         self.tokenizer = open_clip.get_tokenizer(arch)

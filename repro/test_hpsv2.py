@@ -176,3 +176,23 @@ def test_hpsv2_scores_match_hpsv2s_own_scoring_code(monkeypatch, tmp_path, vecto
     wide = scorer(images[:, :, top:bottom].repeat_interleave(n, 0), vectors["prompts"] * len(images))
     err = (wide.double() - vectors["scores_wide"].flatten()).abs().max().item()
     assert err <= TOL, f"HPSv2 score of a non-square image off by {err:.2e} (tolerance {TOL:.0e})"
+
+
+def test_hpsv2_checkpoint_holding_an_object_is_refused_without_running_it(monkeypatch, tmp_path):
+    """The HPSv2 checkpoint loads as data only: one holding a pickled object is refused with one line naming it, and
+    the object's code never runs (loading the same file as code does run it: the test can fail)."""
+    from progrpo import RunError
+    from repro import scorers
+
+    class RunsCode:  # unpickling it makes a folder
+        def __reduce__(self):
+            return os.mkdir, (str(tmp_path / "ran"),)
+
+    open_clip = import_open_clip(monkeypatch)
+    open_clip.add_model_config(REFERENCE / "hpsv2_tiny.json")
+    torch.save({"state_dict": {}, "extra": RunsCode()}, tmp_path / "hps.pt")
+    with pytest.raises(RunError, match="HPSv2 checkpoint '.*hps.pt' holds objects") as error:
+        scorers.HPSv2("cpu", checkpoint=tmp_path / "hps.pt", arch="hpsv2_tiny")
+    assert "\n" not in str(error.value) and not (tmp_path / "ran").exists()
+    torch.load(tmp_path / "hps.pt", weights_only=False)
+    assert (tmp_path / "ran").is_dir()
