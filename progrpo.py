@@ -64,6 +64,7 @@ import os
 import shutil
 import sys
 import time
+import zipfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +148,8 @@ class Args:
 
 
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    # a one-line usage: all the flags spelled out (-h lists them) would bury argparse's one-line error
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], usage="%(prog)s [--flag VALUE ...]",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Args):
         help = f.metadata["help"].replace("%", "%%")  # argparse formats help strings with %
@@ -166,50 +168,75 @@ class RunError(Exception):
     """A problem the user can fix (bad flag, missing file, NaN reward): printed as one line, exit code 2."""
 
 
+def refuse(problems):
+    """Raises the message of the first (wrong, message) pair that is wrong as a RunError."""
+    for wrong, message in problems:
+        if wrong:
+            raise RunError(message)
+
+
 def validate(args):
     """Every check that needs no model, so bad input fails before anything loads; returns the prune schedule."""
+    floor = dict(num_epochs=1, num_steps=1, num_eval_prompts=1, eval_steps=1, checkpointing_steps=1, rank=1,
+                 lora_alpha=1, max_sequence_length=1, resolution=16, prompts_per_epoch=1, sample_batch_size=1,
+                 decode_batch_size=1, reward_batch_size=1, train_batch_size=1, updates_per_epoch=1, eval_every=0,
+                 checkpoints_total_limit=0)
+    # Ceilings only where more makes no sense: diffusers' schedulers have 1000 training timesteps (DDIM refuses
+    # more steps), 4096 px is 4x the side SD3 was trained at, T5 reads 512 tokens. Any other count past 2**31 - 1
+    # is a slip of the keyboard that torch would overflow or allocate for; the seed is hashed, so any will do.
+    ceiling = dict(num_steps=1000, eval_steps=1000, resolution=4096, max_sequence_length=512)
+    values, problems = dataclasses.asdict(args), []  # problems: (what is wrong, what to say), checked in order
+    for f in dataclasses.fields(Args):
+        value = values[f.name]
+        if f.type == "float":  # every step, log-prob and loss is fp32 math: inf, NaN or 1e39 would poison it
+            problems.append((not abs(value) <= torch.finfo(torch.float32).max,
+                             f"--{f.name} must be a finite number within fp32's range (got {value})"))
+        elif f.type == "int" and f.name != "seed":
+            low, high = floor.get(f.name, -math.inf), ceiling.get(f.name, 2**31 - 1)
+            problems += [(value < low, f"--{f.name} must be at least {low} (got {value})"),
+                         (value > high, f"--{f.name} must be at most {high} (got {value})")]
+    refuse(problems)
     parse_reward_spec(args.reward)
     try:
         schedule = parse_prune_schedule(args.prune, args.num_steps, args.group_size)
     except ValueError as e:
         raise RunError(str(e)) from None
-    floor = dict(num_epochs=1, num_eval_prompts=1, eval_steps=1, checkpointing_steps=1, rank=1, lora_alpha=1,
-                 max_sequence_length=1, resolution=16, prompts_per_epoch=1, sample_batch_size=1, decode_batch_size=1,
-                 reward_batch_size=1, train_batch_size=1, updates_per_epoch=1, eval_every=0, checkpoints_total_limit=0)
-    problems = [(getattr(args, name) < low, f"--{name} must be at least {low} (got {getattr(args, name)})")
-                for name, low in floor.items()]  # (what is wrong, what to say), checked in this order
-    problems += [(not getattr(args, name) > 0, f"--{name} must be positive (got {getattr(args, name)})")  # NaN too
-                 for name in ("clip_range", "adv_clip_max", "max_grad_norm", "noise_level")]
+    problems = [(not values[name] > 0, f"--{name} must be positive (got {values[name]})")
+                for name in ("clip_range", "adv_clip_max", "max_grad_norm", "noise_level")]
+    problems += [(values[name] < 0, f"--{name} must be at least 0 (got {values[name]})")
+                 for name in ("learning_rate", "adam_weight_decay", "beta")]  # --learning_rate 0 is a dry run
+    problems += [(not 0 <= values[name] < 1, f"--{name} must be in [0, 1) (got {values[name]})")
+                 for name in ("adam_beta1", "adam_beta2")]
     for name, allowed in (("report_to", ("none", "tensorboard", "wandb")), ("mixed_precision", tuple(DTYPES))):
-        message = f"--{name} must be {', '.join(allowed[:-1])} or {allowed[-1]} (got '{getattr(args, name)}')"
+        message = f"--{name} must be {', '.join(allowed[:-1])} or {allowed[-1]} (got {getattr(args, name)!r})"
         problems.append((getattr(args, name) not in allowed, message))
     last = schedule[-1][1] if schedule else args.group_size  # the group left when sampling ends
     model, resume, out = args.pretrained_model_name_or_path, args.resume_from_checkpoint, Path(args.output_dir)
     is_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~")) and not os.path.exists(model)
+    # os.path's tests, not Path's: they say False, not raise, for a name too long or with a NUL in it
+    state = Path(resume) / "training_state.pt"  # torch.save writes a zip: a torn or foreign file is refused unread
+    made = next((p for p in (out, *out.parents) if os.path.exists(p)), out)  # the output folder or the nearest above
     problems += [
-        (not (args.learning_rate >= 0 and args.adam_weight_decay >= 0 and args.beta >= 0),
-         "--learning_rate, --adam_weight_decay and --beta must be >= 0 (--learning_rate 0 is a dry run)"),
-        (not (0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1),
-         f"--adam_beta1 / --adam_beta2 must be in [0, 1) (got {args.adam_beta1}, {args.adam_beta2})"),
-        (args.max_sequence_length > 512, f"--max_sequence_length is at most 512 (got {args.max_sequence_length})"),
         (args.ovf_after_sampling and not 2 <= args.ovf_after_sampling < last,
          f"--ovf_after_sampling {args.ovf_after_sampling} must be in [2, {last}) (the group at the end)"),
         (args.full_finetune and args.beta > 0, "--full_finetune has no frozen reference for the KL: use --beta 0"),
         (args.resolution % 16, f"--resolution must be a multiple of 16 (got {args.resolution})"),
         (not 0 < args.timestep_fraction <= 1 or int(args.num_steps * args.timestep_fraction) < 1,
-         f"--timestep_fraction must leave at least one trained step (got {args.timestep_fraction})"),
-        (not is_hub_id and not os.path.isdir(model), f"model folder '{model}' does not exist (nor is it a hub id)"),
-        (resume not in ("", "latest") and not (Path(resume) / "training_state.pt").is_file(),
-         f"no training_state.pt in checkpoint folder '{resume}'"),
-        (out.exists() and not out.is_dir(), f"--output_dir '{args.output_dir}' is a file, not a folder"),
+         f"--timestep_fraction must be in (0, 1] and train at least one of the --num_steps {args.num_steps} steps "
+         f"(got {args.timestep_fraction})"),
+        (not is_hub_id and not os.path.isfile(Path(model) / "model_index.json"),
+         f"--pretrained_model_name_or_path {model!r} is neither a hub id nor a folder with model_index.json"),
+        (resume not in ("", "latest") and not (os.path.isfile(state) and zipfile.is_zipfile(state)),
+         f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (one with a whole training_state.pt)"),
+        (not args.output_dir, "--output_dir is empty (give . for this folder)"),
+        (not os.path.isdir(made), f"--output_dir {args.output_dir!r}: {str(made)!r} is a file, not a folder"),
+        (os.path.isdir(made) and not os.access(made, os.W_OK), f"--output_dir {args.output_dir!r} is not writable"),
         ((args.report_to != "none" or args.eval_only) and not progrpo_outputs,
          "--report_to and --eval_only need progrpo_outputs.py beside progrpo.py"),
-        (args.eval_only and not any((Path(args.eval_only) / f).exists() for f in WEIGHT_FILES),
-         f"--eval_only '{args.eval_only}' holds no {', '.join(WEIGHT_FILES)}"),
+        (args.eval_only and not any(os.path.exists(Path(args.eval_only) / f) for f in WEIGHT_FILES),
+         f"--eval_only {args.eval_only!r} is not a folder holding what a run saves ({' or '.join(WEIGHT_FILES)})"),
     ]
-    for wrong, message in problems:
-        if wrong:
-            raise RunError(message)
+    refuse(problems)
     return schedule
 
 
@@ -323,11 +350,12 @@ def parse_prune_schedule(spec, num_steps, group_size):
         try:
             step, keep = (int(s) for s in item.split(":"))
         except ValueError:
-            raise ValueError(f"--prune item '{item}' is not 'step:survivors' (example: --prune 5:24,7:12)") from None
+            raise ValueError(f"--prune item {item!r} is not 'step:survivors' (example: --prune 5:24,7:12)") from None
         schedule.append((step, keep))
     steps, keeps = [s for s, _ in schedule], [k for _, k in schedule]
     if any(not 0 < s < num_steps for s in steps) or steps != sorted(set(steps)):
-        raise ValueError(f"--prune checkpoints {steps} must be strictly increasing and inside (0, {num_steps})")
+        raise ValueError(f"--prune checkpoints {steps} must be strictly increasing and inside (0, {num_steps}): "
+                         "0 < step < --num_steps")
     if any(a <= b for a, b in zip([group_size] + keeps, keeps)):
         raise ValueError(f"--prune survivors {keeps} must strictly decrease from --group_size {group_size}")
     if keeps[-1] < 2:
@@ -636,16 +664,22 @@ def epoch_metrics(epoch, rewards, terms, stats, audit, info, args, schedule):
     return metrics
 
 
-def read_prompts(path):
-    """One prompt per line, UTF-8; a missing, binary or empty file is a one-line error."""
+def read_prompts(path, flag="prompts file"):
+    """One prompt per line, UTF-8; a missing, unreadable, binary or empty file, or a folder, is a one-line error
+    that names `flag` (--prompts or --eval_prompts) and the path."""
+    if os.path.isdir(path):
+        raise RunError(f"{flag} '{path}' is a folder, not a text file of prompts (one per line)")
     if not os.path.isfile(path):
-        raise RunError(f"prompts file '{path}' not found (one prompt per line; `bash run.sh sd35` fetches them)")
-    text = Path(path).read_bytes().decode("utf-8", errors="replace")
+        raise RunError(f"{flag} '{path}' not found (one prompt per line; `bash run.sh sd35` fetches them)")
+    try:
+        text = Path(path).read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:  # no read permission, a failing disk
+        raise RunError(f"{flag} '{path}' cannot be read ({e.strerror})") from None
     if "\0" in text or "\ufffd" in text:
-        raise RunError(f"prompts file '{path}' is binary or not UTF-8 text (one prompt per line)")
+        raise RunError(f"{flag} '{path}' is binary or not UTF-8 text (one prompt per line)")
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise RunError(f"prompts file '{path}' has no prompts")
+        raise RunError(f"{flag} '{path}' has no prompts")
     return prompts
 
 
@@ -667,8 +701,8 @@ def main(args):
     if args.prompts_per_epoch % world:
         raise RunError(f"--prompts_per_epoch {args.prompts_per_epoch} must be a multiple of the {world} ranks "
                        "(whole groups per rank)")
-    train_prompts = read_prompts(args.prompts)
-    eval_prompts = read_prompts(args.eval_prompts)[:args.num_eval_prompts]
+    train_prompts = read_prompts(args.prompts, "--prompts")
+    eval_prompts = read_prompts(args.eval_prompts, "--eval_prompts")[:args.num_eval_prompts]
     out_dir = Path(args.output_dir)
     checkpoint = find_checkpoint(out_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     dtype = DTYPES[args.mixed_precision]
@@ -677,10 +711,12 @@ def main(args):
     if args.eval_only:  # saved weights, loaded by progrpo_outputs and evaluated as training evaluates; no training
         try:
             progrpo_outputs.load_trained_weights(pipe, args.eval_only, denoiser_key(pipe))
-        except ValueError as e:  # a LoRA of another model
+        except ValueError as e:  # a LoRA of another model, or a torn weights file
             raise RunError(str(e)) from None
         reward = evaluate(pipe, reward_fn, eval_prompts, args, out_dir / "eval_only.png")
         return progrpo_outputs.write_eval_only(args.eval_only, reward, len(eval_prompts), out_dir)
+    if family(pipe) != "flow" and args.noise_level > 1:  # eta > 1 asks a step for more noise than it holds: NaN
+        raise RunError(f"--noise_level is DDIM's eta for this SD1.x model: at most 1 (got {args.noise_level})")
     torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank
     params = trainable_parameters(pipe, args)
     if args.gradient_checkpointing:
@@ -924,13 +960,18 @@ def parse_reward_spec(spec):
         module, _, attr = name.rpartition(".")
         try:
             factory = getattr(importlib.import_module(module), attr)
-        except (ValueError, ImportError, AttributeError):  # ValueError: no module part
-            raise RunError(f"unknown reward '{name}'; give an importable module.attr (e.g. repro.scorers.PickScore) "
-                           "or a weighted sum 'a:1.0,b:0.5'") from None
+        except (ValueError, TypeError, ImportError, AttributeError):  # no module part; TypeError: '..m.A', relative
+            factory = None
+        if not callable(factory):  # 'os.path' imports, but is no factory
+            raise RunError(f"unknown reward {name!r}; give an importable module.attr (e.g. repro.scorers.PickScore) "
+                           "or a weighted sum 'a:1.0,b:0.5'")
         try:
-            terms.append((name, float(weight or 1.0), factory))
+            number = float(weight or 1.0)
         except ValueError:
-            raise RunError(f"reward weight '{weight}' in '{item}' is not a number") from None
+            number = math.nan  # refused below, with inf and nan
+        if not math.isfinite(number):
+            raise RunError(f"reward weight {weight!r} in {item!r} is not a finite number")
+        terms.append((name, number, factory))
     return terms
 
 

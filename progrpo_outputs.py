@@ -97,16 +97,23 @@ def load_trained_weights(pipe, folder, key):
     """What progrpo.save_weights wrote (an output or checkpoint folder) into `pipe`, whose fine-tuned component is
     `key` ('transformer' or 'unet'): the full denoiser, or a LoRA through diffusers' load_lora_weights, checked to
     land on every one of its layers (diffusers only warns). A LoRA of another model is a
-    ValueError. The file names keep in step with progrpo.WEIGHT_FILES."""
-    from safetensors import safe_open
+    ValueError, and so is a torn or foreign weights file. The file names keep in step with progrpo.WEIGHT_FILES."""
+    from safetensors import SafetensorError, safe_open
 
     model, lora = getattr(pipe, key), Path(folder) / "pytorch_lora_weights.safetensors"
     if not lora.is_file():
-        trained = type(model).from_pretrained(Path(folder) / key, dtype=torch.float32)  # the fp32 master copy
+        try:
+            trained = type(model).from_pretrained(Path(folder) / key, dtype=torch.float32)  # the fp32 master copy
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{Path(folder) / key} does not load as a {type(model).__name__}: "
+                             f"{str(e).splitlines()[0]}") from None
         setattr(pipe, key, trained.to(model.device).requires_grad_(False).eval())
         return
-    with safe_open(lora, "pt") as f:
-        expected = sum(".lora_A." in name for name in f.keys())
+    try:
+        with safe_open(lora, "pt") as f:
+            expected = sum(".lora_A." in name for name in f.keys())
+    except SafetensorError as e:
+        raise ValueError(f"{lora} is not a safetensors file ({e})") from None
     pipe.load_lora_weights(str(folder))
     loaded = sum(".lora_A." in name for name, _ in getattr(pipe, key).named_parameters())
     if expected == 0 or loaded != expected:

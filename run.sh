@@ -150,7 +150,19 @@ fi
 NPROC="${NPROC:-$visible}"
 [ "$NPROC" -ge 1 ] || NPROC=1
 WORLD=$((NPROC * ${NNODES:-1}))
-launch() {  # torchrun over every visible GPU of every node; NPROC, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT honoured
+launch() {  # launch FETCH FLAGS...: progrpo.py's own checks of FLAGS first (no model, no download), so a typo or a
+            # flag the preset cannot take fails at once in one line, not after FETCH (the prompts) nor once per
+            # torchrun process; then progrpo.py over every visible GPU of every node, honouring NPROC, NNODES,
+            # NODE_RANK, MASTER_ADDR and MASTER_PORT
+    "$PY" -c 'import sys, progrpo
+sys.argv[0] = "progrpo.py"  # the name its usage line shows
+try:
+    progrpo.validate(progrpo.parse_args())
+except progrpo.RunError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)' "${@:2}"
+    "$1"
+    shift
     if [ "$WORLD" -eq 1 ]; then
         "$PY" progrpo.py "$@"
     else
@@ -247,29 +259,25 @@ case "$preset" in
         HF_HUB_OFFLINE=1 "$PY" -m repro.preflight --world_size "$WORLD" "$@"
         ;;
     sd35)           # Pro-GRPO: 48 -> 24 -> 12 at steps {5, 7}
-        fetch_pickscore_prompts
-        launch "${SD35[@]}" --group_size 48 --prune 5:24,7:12 --output_dir outputs/sd35 "$@"
+        launch fetch_pickscore_prompts "${SD35[@]}" --group_size 48 --prune 5:24,7:12 --output_dir outputs/sd35 "$@"
         ;;
     sd35-flash)     # Pro-GRPO-Flash: 24 -> 16 -> 12 (checkpoints not stated in the paper; we use {5, 7})
-        fetch_pickscore_prompts
-        launch "${SD35[@]}" --group_size 24 --prune 5:16,7:12 --output_dir outputs/sd35-flash "$@"
+        launch fetch_pickscore_prompts "${SD35[@]}" --group_size 24 --prune 5:16,7:12 --output_dir outputs/sd35-flash \
+            "$@"
         ;;
     sd35-baseline)  # Flow-GRPO: G = 24, no pruning
-        fetch_pickscore_prompts
-        launch "${SD35[@]}" --group_size 24 --prune none --output_dir outputs/sd35-baseline "$@"
+        launch fetch_pickscore_prompts "${SD35[@]}" --group_size 24 --prune none --output_dir outputs/sd35-baseline \
+            "$@"
         ;;
     sd14)           # Pro-GRPO on SD-v1.4: 48 -> 32 -> 8 at steps {30, 40} of 50, HPSv2.1
-        fetch_hpsv2_prompts
-        launch "${SD14[@]}" --group_size 48 --prune 30:32,40:8 --output_dir outputs/sd14 "$@"
+        launch fetch_hpsv2_prompts "${SD14[@]}" --group_size 48 --prune 30:32,40:8 --output_dir outputs/sd14 "$@"
         ;;
     sd14-baseline)  # DanceGRPO-like: G = 16, no pruning
-        fetch_hpsv2_prompts
-        launch "${SD14[@]}" --group_size 16 --prune none --output_dir outputs/sd14-baseline "$@"
+        launch fetch_hpsv2_prompts "${SD14[@]}" --group_size 16 --prune none --output_dir outputs/sd14-baseline "$@"
         ;;
     sd14-multi)     # the paper's multi-objective run: HPSv2.1 + CLIP score
-        fetch_hpsv2_prompts
-        launch "${SD14[@]}" --group_size 48 --prune 30:32,40:8 --reward repro.scorers.HPSv2:1.0,repro.scorers.CLIPScore:1.0 \
-            --output_dir outputs/sd14-multi "$@"
+        launch fetch_hpsv2_prompts "${SD14[@]}" --group_size 48 --prune 30:32,40:8 \
+            --reward repro.scorers.HPSv2:1.0,repro.scorers.CLIPScore:1.0 --output_dir outputs/sd14-multi "$@"
         ;;
     *)
         echo "error: unknown preset '$preset'; choose demo, test, lock, bench, flops, compare, preflight, eval, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline or sd14-multi" >&2

@@ -3,9 +3,12 @@
 Each test says in its docstring the one property it pins.
 """
 
+import contextlib
 import dataclasses
 import functools
+import hashlib
 import importlib.util
+import io
 import itertools
 import json
 import math
@@ -16,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import progrpo
 import repro.tiny as tiny_models
@@ -679,13 +684,23 @@ BAD_INPUTS = [  # (flags, the message's key words); each must fail before any mo
     (["--prune", "2:4,4:4"], "strictly decrease"),
     (["--prune", "2:4,4:1"], "at least 2 survivors"),
     (["--group_size", "1", "--prune", "none"], "--group_size must be at least 2"),
+    (["--group_size", "99999999999"], "--group_size must be at most 2147483647"),
     (["--reward", "beauty"], "unknown reward 'beauty'"),
     (["--reward", "repro.tiny.NoSuchReward"], "unknown reward 'repro.tiny.NoSuchReward'"),
+    (["--reward", "os.path"], "unknown reward 'os.path'"),  # it imports, but is no factory
+    (["--reward", "..tiny.Colour"], "unknown reward '..tiny.Colour'"),  # a relative import
     (["--reward", "repro.tiny.Colour:heavy"], "reward weight 'heavy'"),
-    (["--prompts", "no_such_prompts.txt"], "prompts file 'no_such_prompts.txt' not found"),
-    (["--prompts", "EMPTY"], "has no prompts"),
-    (["--prompts", "BINARY"], "prompts file 'BINARY' is"),
-    (["--learning_rate", "-0.001"], "--learning_rate"),
+    (["--reward", "repro.tiny.Colour:inf"], "reward weight 'inf' in 'repro.tiny.Colour:inf' is not a finite number"),
+    (["--prompts", "no_such_prompts.txt"], "--prompts 'no_such_prompts.txt' not found"),
+    (["--prompts", "EMPTY"], "--prompts 'EMPTY' has no prompts"),
+    (["--prompts", "BINARY"], "--prompts 'BINARY' is binary"),
+    (["--prompts", "."], "--prompts '.' is a folder"),
+    (["--eval_prompts", "EMPTY"], "--eval_prompts 'EMPTY' has no prompts"),
+    (["--learning_rate", "-0.001"], "--learning_rate must be at least 0"),
+    (["--learning_rate", "1e39"], "--learning_rate must be a finite number within fp32's range"),
+    (["--beta", "inf"], "--beta must be a finite number"),
+    *[([f"--{f.name}", "nan"], f"--{f.name} must be a finite number")  # every float flag
+      for f in dataclasses.fields(progrpo.Args) if f.type == "float"],
     (["--num_eval_prompts", "0"], "--num_eval_prompts must be at least 1"),
     (["--rank", "0"], "--rank must be at least 1"),
     (["--lora_alpha", "0"], "--lora_alpha must be at least 1"),
@@ -693,6 +708,11 @@ BAD_INPUTS = [  # (flags, the message's key words); each must fail before any mo
     (["--max_sequence_length", "1000"], "at most 512"),
     (["--resolution", "0"], "--resolution must be at least 16"),
     (["--resolution", "40"], "multiple of 16"),
+    (["--resolution", "65536"], "--resolution must be at most 4096"),
+    (["--num_steps", "0"], "--num_steps must be at least 1"),  # not a --prune or --timestep_fraction problem
+    (["--num_steps", "0", "--prune", "none"], "--num_steps must be at least 1"),
+    (["--num_steps", "5000", "--prune", "none"], "--num_steps must be at most 1000"),
+    (["--num_steps", "1", "--prune", "none"], "train at least one of the --num_steps 1 steps"),
     (["--num_epochs", "0"], "--num_epochs must be at least 1"),
     (["--checkpointing_steps", "0"], "--checkpointing_steps must be at least 1"),
     (["--eval_steps", "0"], "--eval_steps must be at least 1"),
@@ -702,15 +722,24 @@ BAD_INPUTS = [  # (flags, the message's key words); each must fail before any mo
     (["--clip_range", "-1"], "--clip_range must be positive"),
     (["--max_grad_norm", "0"], "--max_grad_norm must be positive"),
     (["--noise_level", "0"], "--noise_level must be positive"),
-    (["--adam_beta1", "1"], "--adam_beta1"),
-    (["--beta", "-0.1"], "--beta"),
+    (["--adam_beta1", "1"], "--adam_beta1 must be in [0, 1)"),
+    (["--beta", "-0.1"], "--beta must be at least 0"),
     (["--timestep_fraction", "0"], "--timestep_fraction"),
     (["--mixed_precision", "fp8"], "--mixed_precision must be no, fp16 or bf16"),
     (["--ovf_after_sampling", "12"], "--ovf_after_sampling 12 must be in [2, 3)"),
     (["--full_finetune", "--beta", "0.01"], "--full_finetune has no frozen reference"),
-    (["--pretrained_model_name_or_path", "./no/such/model"], "model folder './no/such/model' does not exist"),
-    (["--resume_from_checkpoint", "no/such/checkpoint-9"], "no training_state.pt in checkpoint folder"),
+    (["--pretrained_model_name_or_path", "./no/such/model"],
+     "--pretrained_model_name_or_path './no/such/model' is neither a hub id nor a folder with model_index.json"),
+    (["--pretrained_model_name_or_path", "EMPTY"], "'EMPTY' is neither a hub id"),  # a file
+    (["--pretrained_model_name_or_path", "."], "'.' is neither a hub id"),  # a folder, but no pipeline's
+    (["--resume_from_checkpoint", "no/such/checkpoint-9"], "'no/such/checkpoint-9' is not a checkpoint folder"),
+    (["--resume_from_checkpoint", "EMPTY"], "--resume_from_checkpoint 'EMPTY' is not a checkpoint folder"),
+    (["--resume_from_checkpoint", "TORN"], "--resume_from_checkpoint 'TORN' is not a checkpoint folder"),
     (["--output_dir", "EMPTY"], "is a file, not a folder"),
+    (["--output_dir", "EMPTY/run"], "--output_dir 'EMPTY/run': 'EMPTY' is a file, not a folder"),
+    (["--output_dir", ""], "--output_dir is empty"),
+    (["--eval_only", "EMPTY"], "--eval_only 'EMPTY' is not a folder holding what a run saves"),
+    (["--eval_only", "."], "--eval_only '.' is not a folder holding what a run saves"),
 ]
 
 
@@ -719,6 +748,8 @@ def test_bad_input_is_refused_before_any_model_loads(monkeypatch, tmp_path, tiny
     """Each bad input raises the one-line RunError that says what is wrong, before any model or reward loads."""
     (tmp_path / "EMPTY").write_text("\n  \n")
     (tmp_path / "BINARY").write_bytes(bytes(range(256)))
+    (tmp_path / "TORN").mkdir()
+    (tmp_path / "TORN" / "training_state.pt").write_bytes(b"\x80\x02truncated")  # a checkpoint cut short
     monkeypatch.chdir(tmp_path)
 
     def loaded(*args, **kwargs):
@@ -731,8 +762,8 @@ def test_bad_input_is_refused_before_any_model_loads(monkeypatch, tmp_path, tiny
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-CLI_BAD_INPUTS = [case for case in BAD_INPUTS if case[1] in ("unknown reward 'beauty'",
-                                                              "model folder './no/such/model' does not exist")]
+CLI_BAD_INPUTS = [case for case in BAD_INPUTS if case[0] in (["--reward", "beauty"], ["--beta", "inf"],
+                                                              ["--pretrained_model_name_or_path", "./no/such/model"])]
 
 
 @pytest.mark.parametrize("flags, message", CLI_BAD_INPUTS)
@@ -743,6 +774,73 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, tiny_dir, flags, message)
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr and "Loading pipeline" not in result.stderr + result.stdout
+
+
+def test_a_value_that_does_not_parse_is_one_usage_line_and_one_error_line():
+    """argparse's refusals are two lines and exit code 2: a one-line usage and the error that names the flag."""
+    result = run_cli("--num_steps", "ten")
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "usage: progrpo.py [--flag VALUE ...]", "progrpo.py: error: argument --num_steps: invalid int value: 'ten'"]
+
+
+RUN_SH_BAD_INPUTS = [  # (run.sh's arguments, words of its last line on stderr)
+    (["nonsense"], "error: unknown preset 'nonsense'; choose demo, test, "),
+    (["sd14", "--beta", "0.01"], "error: --full_finetune has no frozen reference for the KL: use --beta 0"),
+    (["sd35", "--bogus"], "progrpo.py: error: unrecognized arguments: --bogus"),
+    (["eval", "sd99"], "eval.py: error: argument preset: invalid choice: 'sd99'"),
+]
+
+
+@pytest.mark.parametrize("words, message", RUN_SH_BAD_INPUTS)
+def test_run_sh_refuses_an_unknown_preset_or_a_flag_its_preset_cannot_take(tmp_path, words, message):
+    """run.sh refuses an unknown preset or a flag its preset cannot take in one line, exit 2, before any download."""
+    # run.sh runs from a copy whose .venv is set up (its stamp current) with this Python, which refuses to pip install
+    for name in ("run.sh", "requirements.txt", "requirements.lock"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.write_text('#!/bin/sh\ncase "$*" in *"-m pip"*) echo "error: no installs here" >&2; exit 1;; esac\n'
+                      f'exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    stamp = hashlib.sha256((ROOT / "requirements.txt").read_bytes() + (ROOT / "requirements.lock").read_bytes())
+    (tmp_path / ".venv" / ".installed").write_text(stamp.hexdigest()[:16] + "\n")  # run.sh's: nothing to install
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(["bash", str(tmp_path / "run.sh"), *words], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 2 and message in result.stderr.splitlines()[-1], result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "dataset").exists()
+
+
+FLAG_VALUES = {  # any value, as a tired user types it: edges, huge, non-finite, the wrong type, paths of every kind
+    "int": st.one_of(st.integers(-2, 64).map(str), st.integers().map(str),
+                     st.sampled_from([str(2**31), str(2**63), "1" + "0" * 30, "ten", "1.5", ""])),
+    "float": st.one_of(st.floats(-2, 2).map(repr), st.floats().map(repr),
+                       st.sampled_from(["nan", "-inf", "1e999", "1e39", "-0.0", "5e-324", "lots", ""])),
+    "str": st.text(max_size=12) | st.sampled_from(["", ".", "none", "latest", "5:24,7:12", "repro.tiny.Colour:nan",
+                                                    "a" * 5000, str(ROOT / "progrpo.py"), str(ROOT / "repro"),
+                                                    str(ROOT / "repro" / "digits" / "pipeline")]),
+}
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.data())
+def test_parsing_and_validation_fail_only_with_one_line(data):
+    """Any values of any flags pass parse_args + validate or fail in one line: a RunError or argparse's exit 2."""
+    argv = []
+    for f in data.draw(st.lists(st.sampled_from(dataclasses.fields(progrpo.Args)), unique=True), label="flags"):
+        if f.type == "bool":
+            argv.append(data.draw(st.sampled_from([f"--{f.name}", f"--no-{f.name}"])))
+        else:
+            argv.append(f"--{f.name}=" + data.draw(FLAG_VALUES[f.type], label=f.name))
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            progrpo.validate(progrpo.parse_args(argv))
+    except progrpo.RunError as e:
+        assert str(e) and "\n" not in str(e)
+    except SystemExit as e:
+        lines = stderr.getvalue().splitlines()
+        assert e.code == 2 and len(lines) == 2 and lines[0].startswith("usage:") and ": error: " in lines[1]
 
 
 def test_output_dir_dot_and_help(tmp_path, tiny_dir):
@@ -761,6 +859,20 @@ def test_reward_model_not_cached_offline_is_one_line(tmp_path, tiny_dir):
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(lines) == 1 and "could not load the 'repro.scorers.PickScore'" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_eval_only_on_torn_weights_is_one_line(tmp_path, tiny_dir):
+    """--eval_only on a torn LoRA file or an empty transformer/ is one RunError line naming it, not a traceback."""
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"torn")
+    (tmp_path / "full" / "transformer").mkdir(parents=True)
+    for folder, message in (("lora", "pytorch_lora_weights.safetensors is not a safetensors file"),
+                            ("full", "transformer does not load as a SD3Transformer2DModel")):
+        args = progrpo.parse_args(short_run(tiny_dir) + ["--output_dir", str(tmp_path / "out"),
+                                                         "--eval_only", str(tmp_path / folder)])
+        with pytest.raises(progrpo.RunError, match=message) as error:
+            progrpo.main(args)
+        assert "\n" not in str(error.value)
 
 
 def test_resume_latest_without_checkpoint_starts_fresh(tmp_path, tiny_dir):
