@@ -278,8 +278,8 @@ def parse_list(text, flag):
         values = [float(v) for v in text.split(",")]
     except ValueError:
         raise progrpo.RunError(f"{flag} takes a comma list of numbers such as 1e-3,3e-4 (got '{text}')") from None
-    if not all(v > 0 for v in values):
-        raise progrpo.RunError(f"{flag} values must be positive (got '{text}')")
+    if not all(0 < v < math.inf for v in values):
+        raise progrpo.RunError(f"{flag} values must be positive and finite (got '{text}')")
     return values
 
 
@@ -293,14 +293,18 @@ def parse(argv=None):
     parser.add_argument("--diagnose_epochs", type=int, default=0,
                         help="epochs of base-model rollouts for proxy fidelity and the Figure 1 histogram (0 = none)")
     ours, rest = parser.parse_known_args(argv)
-    if ours.seeds < 1 or not ours.max_flops > 0 or ours.jobs < 1 or ours.diagnose_epochs < 0:
-        raise progrpo.RunError(f"--seeds and --jobs must be at least 1, --max_flops positive, --diagnose_epochs not "
-                               f"negative (got {ours.seeds}, {ours.jobs}, {ours.max_flops}, {ours.diagnose_epochs})")
+    progrpo.refuse([(ours.seeds < 1, f"--seeds must be at least 1 (got {ours.seeds})"),
+                    (not 0 < ours.max_flops < math.inf,
+                     f"--max_flops must be positive and finite (got {ours.max_flops})"),
+                    (ours.jobs < 1, f"--jobs must be at least 1 (got {ours.jobs})"),
+                    (ours.diagnose_epochs < 0, f"--diagnose_epochs must be at least 0 (got {ours.diagnose_epochs})")])
     args = progrpo.parse_args(rest)
     grid = {"learning_rate": parse_list(ours.grid_learning_rate, "--grid_learning_rate")
             if ours.grid_learning_rate else [args.learning_rate],
             "clip_range": parse_list(ours.grid_clip_range, "--grid_clip_range")
             if ours.grid_clip_range else [args.clip_range]}
+    for changes, cell in itertools.product(COMPARE_METHODS.values(), grid_cells(grid)):  # every run, before any model
+        progrpo.validate(dataclasses.replace(args, **changes, **cell))
     return args, ours.seeds, ours.max_flops, grid, ours.jobs, ours.diagnose_epochs
 
 

@@ -357,11 +357,17 @@ def main(argv=None):
     parser.add_argument("--guidance_scale", type=float, default=4.5, help="CFG scale of the samples (eval)")
     parser.add_argument("--eval_steps", type=int, default=10, help="ODE steps (eval)")
     args = parser.parse_args(argv)
+    problems = [(getattr(args, name) < 1, f"--{name} must be at least 1 (got {getattr(args, name)})")
+                for name in ("steps", "per_digit", "eval_steps")]
+    out, cfg = Path(args.out), args.guidance_scale
+    problems += [(not math.isfinite(cfg), f"--guidance_scale must be finite (got {cfg})"),
+                 (out.exists() and not out.is_dir(), f"--out '{out}' is a file, not a folder")]
+    progrpo.refuse(problems)
     if args.command == "make":
         make(args.out, args.steps)
         return
+    scorer = load_scorer(Path(args.out) / "scorer")  # the small model first: a folder without it fails at once
     pipe = progrpo.load_pipeline(str(Path(args.out) / "pipeline"), torch.float32)
-    scorer = load_scorer(Path(args.out) / "scorer")
     images, digits = base_samples(pipe, args.per_digit, args.guidance_scale, args.eval_steps)
     acc, per_digit = accuracy(scorer, images, digits)
     print(f"accuracy {acc:.3f} over {len(digits)} samples; per digit "

@@ -183,7 +183,7 @@ def load_model(args, weights, device):
         weight_kind(weights, key)  # a folder without weights is named, with its checkpoints
         try:
             progrpo_outputs.load_trained_weights(pipe, weights, key)
-        except ValueError as e:  # a LoRA of another model
+        except ValueError as e:  # a LoRA of another model, or a torn weights file
             raise RunError(str(e)) from None
     return pipe.to(device)
 
@@ -355,13 +355,17 @@ def parse_args(argv=None):
 
 def main(argv=None):
     opts = parse_args(argv)
-    if opts.images_per_prompt < 1 or opts.num_prompts < 0 or opts.batch_size < 1:
-        raise RunError("--images_per_prompt and --batch_size must be at least 1, --num_prompts at least 0")
+    progrpo.refuse([(opts.images_per_prompt < 1,
+                     f"--images_per_prompt must be at least 1 (got {opts.images_per_prompt})"),
+                    (opts.num_prompts < 0, f"--num_prompts must be at least 0 (got {opts.num_prompts})"),
+                    (opts.batch_size < 1, f"--batch_size must be at least 1 (got {opts.batch_size})")])
     args, benchmarks, sampler = preset_args(opts.preset)
     args = dataclasses.replace(args, seed=opts.seed, sample_batch_size=opts.batch_size,
                                decode_batch_size=opts.batch_size,
                                pretrained_model_name_or_path=opts.pretrained_model_name_or_path
                                or args.pretrained_model_name_or_path)
+    out = Path(opts.output_dir or ROOT / "outputs" / "eval" / opts.preset)
+    progrpo.validate(dataclasses.replace(args, output_dir=str(out)))  # the model, seed and --output_dir, first
     weights = opts.weights
     if weights is None and opts.preset == "demo":  # the demo's trained LoRA, trained first when absent
         weights = [args.output_dir]
@@ -371,7 +375,7 @@ def main(argv=None):
                 raise RunError("the demo's training failed (its output above says why)")
     for w in weights or []:  # before anything loads or samples
         weight_kind(w)
-    sets = {Path(opts.prompts).stem: progrpo.read_prompts(opts.prompts)} if opts.prompts else {
+    sets = {Path(opts.prompts).stem: progrpo.read_prompts(opts.prompts, "--prompts")} if opts.prompts else {
         b: benchmark_prompts(b, args) for b in benchmarks}
     sets = {b: p[:opts.num_prompts or None] for b, p in sets.items()}
     geneval = read_geneval_metadata(opts.geneval) if opts.geneval else None
@@ -384,7 +388,6 @@ def main(argv=None):
     else:
         specs = list(PAPER_METRICS)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(opts.output_dir or ROOT / "outputs" / "eval" / opts.preset)
     out.mkdir(parents=True, exist_ok=True)
     metrics = load_metrics(specs, device, chosen=bool(opts.metrics))
     labels = [label for label, _ in metrics]

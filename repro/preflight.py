@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from progrpo import (DTYPES, Args, RunError, denoiser, group_advantages, live_counts, predict, rollout,
+from progrpo import (DTYPES, Args, RunError, denoiser, group_advantages, live_counts, predict, refuse, rollout,
                      sampler_schedule, score, train_epoch, trainable_parameters, validate)
 from repro.flops import FLOPS_PRESETS, clip_reward, epoch_flops
 
@@ -99,7 +99,10 @@ def read_config(config_dir, name, tiny):
     path = Path(config_dir) / name
     if not path.is_file():
         raise RunError(f"architecture config '{path}' not found; give --configs the folder of the published configs")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise RunError(f"architecture config '{path}' is not a JSON config ({e})") from None
     return merged(config, SHRINK.get(name, {})) if tiny else config
 
 
@@ -367,8 +370,10 @@ def parse_args(argv=None):
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"),
                         help="instead of the preset's (default: the preset's; fp32 at the tiny size)")
     opts = parser.parse_args(argv)
-    if opts.prompts < 1 or opts.world_size < 1:
-        raise RunError(f"--prompts and --world_size must be at least 1 (got {opts.prompts}, {opts.world_size})")
+    refuse([(opts.prompts < 1, f"--prompts must be at least 1 (got {opts.prompts})"),
+            (opts.world_size < 1, f"--world_size must be at least 1 (got {opts.world_size})"),
+            (not Path(opts.configs).is_dir(),
+             f"--configs '{opts.configs}' is not a folder (the published architecture configs: configs/)")])
     return opts
 
 

@@ -79,3 +79,13 @@ def test_make_is_deterministic(tmp_path):
         digits.make(tmp_path / run, steps=3, scorer_steps=20, log=lambda message: None)
     for path in sorted((tmp_path / "a").rglob("*.safetensors")):
         assert path.read_bytes() == (tmp_path / "b" / path.relative_to(tmp_path / "a")).read_bytes(), path
+
+
+def test_bad_flags_are_refused(tmp_path):
+    """No samples per digit, a NaN guidance scale, an --out that is a file: one-line RunErrors before anything runs."""
+    (tmp_path / "file").write_text("not a folder\n")
+    for argv, message in ((["eval", "--per_digit", "0"], "--per_digit must be at least 1"),
+                          (["eval", "--guidance_scale", "nan"], "--guidance_scale must be finite"),
+                          (["make", "--out", str(tmp_path / "file")], "--out '.*file' is a file, not a folder")):
+        with pytest.raises(progrpo.RunError, match=message):
+            digits.main(argv)

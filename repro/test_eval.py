@@ -89,6 +89,23 @@ def test_wrong_weights_are_refused(tiny_dir, tmp_path):
         ev.load_model(args, unet_lora, torch.device("cpu"))
 
 
+def test_bad_flags_are_refused_before_anything_loads(tiny_dir, tmp_path, monkeypatch):
+    """A model that is no pipeline, a file as --output_dir, a folder as --prompts: one line each, before any load."""
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad flag was refused")
+
+    monkeypatch.setattr(progrpo, "load_pipeline", loaded)
+    monkeypatch.setattr(ev, "load_metrics", loaded)
+    (tmp_path / "file").write_text("not a folder\n")
+    model = ["--pretrained_model_name_or_path", str(tiny_dir / "flow")]
+    for flags, message in ((["--pretrained_model_name_or_path", str(tmp_path)], "is neither a hub id"),
+                           (model + ["--output_dir", str(tmp_path / "file")], "is a file, not a folder"),
+                           (model + ["--prompts", str(tmp_path)], "is a folder")):
+        with pytest.raises(RunError, match=f"^{flags[-2]} '.*' {message}") as error:
+            ev.main(["sd35", *flags])
+        assert "\n" not in str(error.value)
+
+
 def test_standard_error_over_prompts():
     """Cells are the mean over prompts of per-prompt means, with the sample standard error over prompts."""
     scores = torch.tensor([[0.0, 2.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]])[:, :, None]  # per-prompt 1, 2, 3, 4

@@ -85,16 +85,20 @@ def test_projection_is_the_schedules_arithmetic(two_presets):
 
 
 def test_bad_input_is_refused(tmp_path):
-    """An unknown preset, a world size that does not split the prompts and a folder without the configs are
-    one-line errors (RunError: exit code 2), before any model is built."""
+    """Bad presets, world sizes, config folders and config files are one-line RunErrors before any model is built."""
     with pytest.raises(RunError, match="unknown preset 'sd99'"):
         main(parse_args(["sd99"]))
     with pytest.raises(RunError, match="do not split over --world_size 5"):
         main(parse_args(["sd35", "--world_size", "5"]))
     with pytest.raises(RunError, match="architecture config .*sd35m_vae.json' not found"):
         main(parse_args(["sd35", "--configs", str(tmp_path)]))
-    with pytest.raises(RunError, match="--prompts and --world_size must be at least 1"):
+    with pytest.raises(RunError, match="--prompts must be at least 1"):
         parse_args(["--prompts", "0"])
+    (tmp_path / "sd35m_vae.json").write_text("{not json")
+    with pytest.raises(RunError, match="architecture config .*sd35m_vae.json' is not a JSON config"):
+        main(parse_args(["sd35", "--configs", str(tmp_path)]))
+    with pytest.raises(RunError, match="--configs '.*sd35m_vae.json' is not a folder"):
+        parse_args(["sd35", "--configs", str(tmp_path / "sd35m_vae.json")])
 
 
 def test_fp16_loss_scaler_path_runs():

@@ -98,6 +98,17 @@ def test_budget_sets_the_epochs(tiny_dir):
     assert per_epoch["grpo-expanded"] > per_epoch["pro-grpo"] > 0
 
 
+def test_comparison_refuses_bad_flags_before_any_model_loads(monkeypatch):
+    """An infinite budget or grid value, or a flag a method cannot run with, is refused at parsing, no model loaded."""
+    monkeypatch.setattr(progrpo, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    for argv, message in ((["--max_flops", "inf"], "--max_flops must be positive and finite"),
+                          (["--grid_learning_rate", "1e-3,inf"], "--grid_learning_rate values must be positive and "
+                                                                 "finite"),
+                          (["--num_steps", "6"], r"--prune checkpoints \[5, 7\] must be")):
+        with pytest.raises(progrpo.RunError, match=message):
+            compare.parse(argv)
+
+
 def test_comparison_harness_runs(tmp_path, tiny_dir, monkeypatch):
     """`run.sh compare` in miniature (the two methods of the Figure 2 question, 1 seed, one epoch each, a 2-cell
     grid): every method at every cell, a best cell per method, the equal-updates table and the plot; a finished
