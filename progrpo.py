@@ -87,7 +87,7 @@ except ModuleNotFoundError as missing:
     progrpo_outputs = None
 
 
-# ---- Config. Defaults are the paper's SD3.5-Medium Pro-GRPO setting (Flow-GRPO values where it is silent).
+# ---- Config. Defaults are `bash run.sh sd35` (a test keeps them equal): the paper's SD3.5-M Pro-GRPO setting.
 
 def arg(default, help):
     return field(default=default, metadata={"help": help})
@@ -119,7 +119,7 @@ class Args:
     guidance_scale: float = arg(4.5, "classifier-free guidance, used in sampling and in the update")
     max_sequence_length: int = arg(128, "T5 prompt tokens (SD3)")
     prompts_per_epoch: int = arg(48, "B: prompts per epoch (Flow-GRPO: 48)")
-    sample_batch_size: int = arg(16, "trajectories per model call while sampling (a CFG pair counts once)")
+    sample_batch_size: int = arg(8, "trajectories per model call while sampling (a CFG pair counts once)")
     decode_batch_size: int = arg(16, "latents per VAE decode")
     reward_batch_size: int = arg(16, "images per reward-model call")
     # ALGO LOGIC: expand and prune
@@ -133,7 +133,7 @@ class Args:
     adam_beta2: float = arg(0.999, "AdamW beta2")
     adam_weight_decay: float = arg(1e-4, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
-    train_batch_size: int = arg(4, "trajectories per update micro-batch")
+    train_batch_size: int = arg(8, "trajectories per update micro-batch (= --sample_batch_size: same shapes)")
     updates_per_epoch: int = arg(2, "optimiser steps per epoch, gradients accumulated in between (Flow-GRPO: 2)")
     timestep_fraction: float = arg(0.99, "train the first int(T * fraction) steps (Flow-GRPO: 0.99, 9 of 10)")
     clip_range: float = arg(1e-4, "PPO ratio clip epsilon (Flow-GRPO: 1e-4; log-probs are means over C*H*W)")
@@ -141,7 +141,7 @@ class Args:
     beta: float = arg(0.01, "KL penalty weight against the base model (adapter disabled)")
     global_std: bool = arg(False, "Flow-GRPO variant: per-prompt mean, std over the batch (per rank)")
     full_finetune: bool = arg(False, "train every denoiser weight instead of LoRA (DanceGRPO, SD-v1.4; --beta 0)")
-    ema: bool = arg(False, "EMA of the trainable weights for evaluation and saving (Flow-GRPO: 0.9 every 8 steps)")
+    ema: bool = arg(True, "EMA of the trainable weights for evaluation and saving (Flow-GRPO: 0.9 every 8 steps)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward: less memory, ~30% slower")
     rank: int = arg(32, "LoRA rank")
     lora_alpha: int = arg(64, "LoRA alpha (scale = alpha / rank)")

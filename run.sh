@@ -180,7 +180,8 @@ SD35=(--pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium --
 SD14=(--pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 --reward repro.scorers.HPSv2
       --prompts dataset/hpsv2/train.txt --eval_prompts dataset/hpsv2/test.txt --mixed_precision bf16
       --resolution 512 --num_steps 50 --eval_steps 50 --noise_level 1.0 --guidance_scale 5.0 --prompts_per_epoch $((4 * WORLD))
-      --full_finetune --learning_rate 1e-5 --clip_range 1e-4 --beta 0 --sample_batch_size 8 --train_batch_size 8)
+      --full_finetune --learning_rate 1e-5 --clip_range 1e-4 --beta 0 --sample_batch_size 8 --train_batch_size 8
+      --no-ema)  # DanceGRPO keeps no EMA
 
 case "$preset" in
     demo)           # Pro-GRPO on the pretrained digits model and its learned reward (repro/digits.py), ~4-10 min
@@ -190,7 +191,7 @@ case "$preset" in
             --resolution 16 --mixed_precision no --max_sequence_length 24 --num_epochs 80 --prompts_per_epoch 6 \
             --group_size 16 --prune 5:8,7:4 --sample_batch_size 48 --decode_batch_size 48 --train_batch_size 8 \
             --eval_steps 10 --eval_every 10 --checkpointing_steps 1000 --learning_rate 1e-3 --clip_range 1e-2 \
-            --beta 0 --output_dir outputs/demo "$@"
+            --beta 0 --no-ema --output_dir outputs/demo "$@"
         echo "pictures: outputs/demo/samples/*.png, outputs/demo/reward_curve.png; metrics: outputs/demo/metrics.jsonl"
         ;;
     test)           # PROGRPO_LOCK: the pins .venv was installed with, which a test compares with what is installed
@@ -241,7 +242,7 @@ case "$preset" in
             --reward repro.digits.DigitReward --prompts repro/digits/train.txt --eval_prompts repro/digits/eval.txt \
             --num_eval_prompts 20 --resolution 16 --mixed_precision no --max_sequence_length 24 --prompts_per_epoch 6 \
             --sample_batch_size 48 --decode_batch_size 48 --train_batch_size 8 --eval_steps 10 --eval_every 5 \
-            --checkpointing_steps 1000 --clip_range 1e-2 --beta 0 \
+            --checkpointing_steps 1000 --clip_range 1e-2 --beta 0 --no-ema \
             --grid_learning_rate 1e-3 --grid_clip_range 1e-2 --seeds 3 --max_flops 1e12 --jobs 2 --diagnose_epochs 4 \
             --output_dir outputs/compare "$@"
         echo "report: outputs/compare/comparison.md, comparison.png, advantage_histogram.png"

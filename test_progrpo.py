@@ -13,6 +13,8 @@ import itertools
 import json
 import math
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -629,7 +631,7 @@ def demo_args(tiny_dir, **overrides):
                 eval_prompts=str(tiny_dir / "test.txt"), reward="repro.tiny.Colour", resolution=16, mixed_precision="no",
                 max_sequence_length=16, num_epochs=60, prompts_per_epoch=6, group_size=16, prune="5:8,7:4",
                 sample_batch_size=32, decode_batch_size=32, train_batch_size=8, eval_steps=10, eval_every=30,
-                checkpointing_steps=1000, learning_rate=5e-3, clip_range=1e-2, beta=0.0)
+                checkpointing_steps=1000, learning_rate=5e-3, clip_range=1e-2, beta=0.0, ema=False)
     return progrpo.Args(**{**base, **overrides})
 
 
@@ -676,7 +678,7 @@ def short_run(tiny_dir):
             "--mixed_precision", "no", "--max_sequence_length", "16", "--prompts_per_epoch", "4", "--group_size", "6",
             "--num_steps", "6", "--prune", "2:4,4:3", "--sample_batch_size", "1", "--decode_batch_size", "1",
             "--reward_batch_size", "1", "--train_batch_size", "3", "--updates_per_epoch", "1", "--eval_every", "0",
-            "--learning_rate", "1e-2", "--clip_range", "1e-2", "--rank", "4", "--lora_alpha", "8"]
+            "--learning_rate", "1e-2", "--clip_range", "1e-2", "--rank", "4", "--lora_alpha", "8", "--no-ema"]
 
 
 BAD_INPUTS = [  # (flags, the message's key words); each must fail before any model loads
@@ -850,6 +852,21 @@ def test_output_dir_dot_and_help(tmp_path, tiny_dir):
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file() and not (tmp_path / ".saving").exists()
     help_text = run_cli("--help").stdout
     assert "--gradient_checkpointing" in help_text and "~30% slower" in help_text and "%%" not in help_text
+
+
+def test_args_defaults_are_the_sd35_preset():
+    """Every flag `bash run.sh sd35` passes (its SD35 array and its own launch line; the output folder aside) has
+    progrpo.Args' default as its value, so `python progrpo.py` with no flags runs the paper's setting."""
+    text = (ROOT / "run.sh").read_text()
+    array = re.search(r"^SD35=\((.*?)\)", text, re.S | re.M)[1]
+    block = re.search(r"^\s*sd35\)(.*?);;", text, re.S | re.M)[1]
+    launch = re.search(r'launch "\$\{SD35\[@\]\}"(.*?)"\$@"', block, re.S)[1]
+    tokens = shlex.split(array) + shlex.split(launch)
+    names = {t[2:].removeprefix("no-") for t in tokens if t.startswith("--")} - {"output_dir"}
+    preset, defaults = progrpo.parse_args(tokens), progrpo.Args()
+    assert len(names) >= 20 and {"ema", "sample_batch_size", "train_batch_size", "group_size", "prune"} <= names
+    differ = {n: (getattr(preset, n), getattr(defaults, n)) for n in names if getattr(preset, n) != getattr(defaults, n)}
+    assert differ == {}, differ  # (preset's value, Args default)
 
 
 def test_reward_model_not_cached_offline_is_one_line(tmp_path, tiny_dir):

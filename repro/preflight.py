@@ -58,7 +58,7 @@ RUN_SH_FLAGS = {
                  prompts_per_epoch=48, learning_rate=3e-4, clip_range=1e-4, beta=0.01, rank=32, lora_alpha=64,
                  ema=True, sample_batch_size=8, train_batch_size=8),
     "ddim": dict(mixed_precision="bf16", resolution=512, noise_level=1.0, guidance_scale=5.0, learning_rate=1e-5,
-                 clip_range=1e-4, sample_batch_size=8, train_batch_size=8),
+                 clip_range=1e-4, sample_batch_size=8, train_batch_size=8, ema=False),
 }
 PROMPTS_PER_RANK = {"ddim"}  # run.sh gives sd14 4 prompts per GPU (--prompts_per_epoch 4 x world); sd35 splits 48
 CONFIGS = {  # the architecture configs of each family (configs/README.md says where they come from)

@@ -85,7 +85,7 @@ def comparison_args(tiny_dir, **overrides):
                 eval_prompts=str(tiny_dir / "test.txt"), reward="repro.tiny.Colour", resolution=16, mixed_precision="no",
                 max_sequence_length=16, num_epochs=1, prompts_per_epoch=2, sample_batch_size=32, decode_batch_size=32,
                 train_batch_size=8, eval_steps=4, eval_every=1, checkpointing_steps=1000, learning_rate=5e-3,
-                clip_range=1e-2, beta=0.0, num_eval_prompts=3)
+                clip_range=1e-2, beta=0.0, num_eval_prompts=3, ema=False)  # run.sh compare's --no-ema
     return progrpo.Args(**{**base, **overrides})
 
 
