@@ -436,17 +436,22 @@ def trajectory_seed(seed, epoch, prompt, member):
 def predict(model, sched, i, x, text, prompt_idx, args, batch_size):
     """Guided model output o = o_uncond + g (o_text - o_uncond) for x (N, C, h, w) at steps i (N,), prompts
     prompt_idx (N,), in micro-batches; fp32 v (flow) or eps (diffusion). Sampling and the update both call it,
-    so both see the same CFG, dtype and conditioning: the first update step reproduces the sampling log-probs."""
+    so both see the same CFG, dtype and conditioning: the first update step reproduces the sampling log-probs.
+    At g = 1 the formula is o_text: the unconditional half is not computed, so CFG-free training costs half."""
     negative = len(text["embeds"]) - 1  # the empty prompt's row (see encode_prompts)
     dtype = DTYPES[args.mixed_precision]  # the forward under autocast in the half dtype; fp32 runs as it is
+    copies = 1 if args.guidance_scale == 1 else 2  # the latents twice (unconditional, text), or once at g = 1
     out = []
     for b_x, b_i, b_p in zip(x.split(batch_size), i.split(batch_size), prompt_idx.split(batch_size)):
-        rows = torch.cat([torch.full_like(b_p, negative), b_p])  # (2n,) unconditional half first
+        rows = b_p if copies == 1 else torch.cat([torch.full_like(b_p, negative), b_p])  # unconditional half first
         t = sched["timesteps"][b_i]
         with nullcontext() if dtype == torch.float32 else torch.autocast(x.device.type, dtype=dtype):
-            o = denoise(model, torch.cat([b_x, b_x]), torch.cat([t, t]), text, rows)  # (2n, C, h, w)
-        o_uncond, o_text = o.float().chunk(2)  # everything after the forward is fp32
-        out.append(o_uncond + args.guidance_scale * (o_text - o_uncond))
+            o = denoise(model, b_x.repeat(copies, 1, 1, 1), t.repeat(copies), text, rows)  # (2n or n, C, h, w)
+        o = o.float()  # everything after the forward is fp32
+        if copies == 2:
+            o_uncond, o_text = o.chunk(2)
+            o = o_uncond + args.guidance_scale * (o_text - o_uncond)
+        out.append(o)
     return as_sampler_output(sched, i, x, torch.cat(out))
 
 

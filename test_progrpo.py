@@ -398,6 +398,27 @@ def test_nfe_counts_every_transformer_call(tiny):
     assert [len(a["survivors"]) for a in audit] == [3, 3]
 
 
+def test_guidance_one_skips_the_unconditional_half(tiny):
+    """At --guidance_scale 1 the denoiser sees only the trajectories' text rows (half the CFG batch), and the output
+    equals the guided formula o_u + 1 (o_t - o_u) computed from the old call on both halves."""
+    pipe, _, _, text = tiny
+    sched = progrpo.sampler_schedule(pipe, 6, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    x, steps, rows = torch.randn(5, 4, 8, 8, generator=g), torch.arange(5), torch.tensor([0, 1, 0, 1, 1])
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0].shape[0]), with_kwargs=True)
+    with torch.no_grad():
+        args = tiny_args(guidance_scale=1.0, mixed_precision="no")
+        out = progrpo.predict(pipe.transformer, sched, steps, x, text, rows, args, 3)
+        hook.remove()
+        t, negative = sched["timesteps"][steps], torch.full_like(rows, len(text["embeds"]) - 1)
+        o_uncond, o_text = progrpo.denoise(pipe.transformer, torch.cat([x, x]), torch.cat([t, t]), text,
+                                           torch.cat([negative, rows])).float().chunk(2)
+    assert seen == [3, 2]  # micro-batches of 3 and 2 trajectories, one row each (guided: 6 and 4)
+    assert (o_text - o_uncond).abs().max() > 1e-2  # the two halves differ: dropping the wrong one would show
+    torch.testing.assert_close(out, o_uncond + 1.0 * (o_text - o_uncond), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("batch_size", [1, 5])
 def test_survivors_are_identical_to_unpruned_run(tiny, batch_size):
     """A survivor's latents, log-probs and reward equal the same member's in an unpruned run with the same seed.
