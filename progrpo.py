@@ -139,7 +139,7 @@ class Args:
     clip_range: float = arg(1e-4, "PPO ratio clip epsilon (Flow-GRPO: 1e-4; log-probs are means over C*H*W)")
     adv_clip_max: float = arg(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max]")
     beta: float = arg(0.01, "KL penalty weight against the base model (adapter disabled)")
-    global_std: bool = arg(False, "Flow-GRPO variant: per-prompt mean, std over the batch (per rank)")
+    global_std: bool = arg(False, "Flow-GRPO's baseline: per-prompt mean, one std over the epoch's rewards, all ranks")
     full_finetune: bool = arg(False, "train every denoiser weight instead of LoRA (DanceGRPO, SD-v1.4; --beta 0)")
     ema: bool = arg(True, "EMA of the trainable weights for evaluation and saving (Flow-GRPO: 0.9 every 8 steps)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward: less memory, ~30% slower")
@@ -323,7 +323,8 @@ def ovf_select(rewards, k):
 def group_advantages(rewards, group_ids, eps=1e-4, clip=5.0, global_std=False):
     """A_i = (R_i - mean_g) / (std_g + eps) within each group g, population std, clipped to |A| <= clip; fp32 (N,).
     A group of equal rewards gets exactly 0, detected as max == min, not std == 0: the fp32 mean of equal
-    values need not equal them, which would leave a std of ~1e-6. global_std: Flow-GRPO's batch std."""
+    values need not equal them, which would leave a std of ~1e-6. global_std: one std over all the rewards given
+    (Flow-GRPO's baseline; main gives it the whole epoch's, gathered from every rank)."""
     rewards = rewards.to(torch.float32)
     _, gid = torch.unique(group_ids, return_inverse=True)  # (N,) group index 0..n_groups-1
     zeros = torch.zeros(int(gid.max()) + 1, device=rewards.device)
@@ -754,8 +755,16 @@ def main(args):
         t1 = time.time()
         # ALGO LOGIC: 6-7 advantages over the survivors, then the clipped policy update
         advantages_fn = progrpo_kernels.group_advantages if progrpo_kernels else group_advantages  # same numbers
-        adv = advantages_fn(samples["rewards"], samples["prompt_idx"], clip=args.adv_clip_max,
-                            global_std=args.global_std).to(device)
+        rewards, groups = samples["rewards"], torch.tensor(prompt_ids)[samples["prompt_idx"]]  # (N,) each
+        start = 0  # this rank's first row among the rewards normalised together
+        if args.global_std:  # Flow-GRPO: one std over the whole epoch's rewards, every rank's, on every rank
+            parts = gather((rewards, groups))
+            start = sum(len(p[0]) for p in parts[:rank])
+            rewards, groups = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        adv = advantages_fn(rewards, groups, clip=args.adv_clip_max, global_std=args.global_std)
+        adv = adv[start:start + len(samples["rewards"])].to(device)
+        for entry, row in zip(audit, adv.view(len(prompts), -1).tolist()):
+            entry["adv"] = row  # the survivors' advantages, as trained
         info = train_epoch(pipe, params, optimizer, scaler, samples, adv, text, args, epoch, ema, progress=rank == 0)
         t2 = time.time()
         # TRY NOT TO MODIFY: gather every rank's groups, log, evaluate and save on rank 0

@@ -1046,6 +1046,31 @@ def test_two_gloo_ranks_sample_what_one_process_samples(tmp_path, tiny_dir):
     assert metrics_two[0]["perf/nfe_sample"] == read_jsonl(tmp_path / "one" / "metrics.jsonl")[0]["perf/nfe_sample"]
 
 
+def test_global_std_is_one_std_over_every_ranks_rewards(tmp_path, tiny_dir):
+    """--global_std under torchrun (2 gloo ranks): each rank's advantages use one std over the whole epoch's rewards,
+    all ranks' (Flow-GRPO), so they equal one process's and the formula on every final reward of the epoch; the
+    std of one rank's rewards alone would differ."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    flags = short_run(tiny_dir) + ["--num_epochs", "1", "--global_std"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(ROOT / "progrpo.py"), *flags, "--output_dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_cli(*flags, "--output_dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    audit_one, audit_two = (read_jsonl(tmp_path / run / "prune_audit.jsonl") for run in ("one", "two"))
+    adv_two = torch.tensor([a["adv"] for a in audit_two])  # (B, K), prompts in epoch order
+    # the rewards agree to fp32 round-off (see the test above: 1e-5 at most), divided here by a std of ~0.05
+    torch.testing.assert_close(adv_two, torch.tensor([a["adv"] for a in audit_one]), rtol=0, atol=2e-4)
+    final = torch.tensor([a["final"] for a in audit_two])
+    ids = torch.arange(4).repeat_interleave(3)
+    expected = progrpo.group_advantages(final.flatten(), ids, global_std=True).view(4, 3)
+    torch.testing.assert_close(adv_two, expected, rtol=0, atol=1e-5)
+    per_rank = torch.cat([progrpo.group_advantages(final[r::2].flatten(), ids[:6], global_std=True).view(2, 3)
+                          for r in (0, 1)])[[0, 2, 1, 3]]  # rank r holds prompts r, r + 2
+    assert (per_rank - expected).abs().max() > 1e-2
+
+
 def without_times(metrics):
     return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in metrics]
 
