@@ -560,26 +560,35 @@ def train_epoch(pipe, params, optimizer, scaler, samples, adv, text, args, epoch
     """PPO-clip GRPO over the survivors' stored steps: recompute log-probs, clip, KL, AdamW.
 
     Each trajectory trains on its first int(T * timestep_fraction) steps, in order for flow models (Flow-GRPO),
-    in a random order per trajectory for diffusion models (DanceGRPO). The epoch's micro-batches are split
-    into `updates_per_epoch` optimiser steps; under torchrun the gradients are averaged over ranks before
-    clipping. `scaler` scales the fp16 loss (disabled otherwise); `ema` (tensors or None) follows the weights.
-    A step whose gradient holds an inf or NaN is skipped, in every precision, and counted in `skipped`.
-    Returns per-(micro-batch, step) and per-optimiser-step statistics."""
+    in a random order per trajectory for diffusion models (DanceGRPO). Samples whose advantage is exactly 0 are
+    dropped (Flow-GRPO's rule). The epoch's micro-batches are split into `updates_per_epoch` optimiser steps (none
+    if nothing is left); each sample weighs 1 / (the step's samples on all ranks x trained steps), whatever the
+    micro-batching; under torchrun the gradients are averaged over ranks before clipping. `scaler` scales the fp16
+    loss (disabled otherwise); `ema` (tensors or None) follows the weights. A step whose gradient holds an inf or
+    NaN is skipped, in every precision, and counted in `skipped`. Returns per-(micro-batch, step) and
+    per-optimiser-step statistics."""
     model = denoiser(pipe)
     device = model.device
     sched = sampler_schedule(pipe, args.num_steps, device)
     n_train = int(args.num_steps * args.timestep_fraction)
+    train_rows = (adv.cpu() != 0).nonzero().flatten()  # adv 0 (a group of equal rewards) teaches nothing: dropped
     g = torch.Generator().manual_seed(trajectory_seed(args.seed, epoch, "train", 0))
-    minibatches = torch.randperm(len(adv), generator=g).split(args.train_batch_size)  # g's first draw; steps next
+    order = torch.randperm(len(train_rows), generator=g)  # g's first draw; the steps' orders next
+    minibatches = train_rows[order].split(args.train_batch_size) if len(train_rows) else ()  # full but the last
     if family(pipe) == "flow":
         step_order = torch.arange(n_train).repeat(len(adv), 1)  # (N, n_train)
     else:
         step_order = torch.stack([torch.randperm(n_train, generator=g) for _ in range(len(adv))])
     info = {k: [] for k in ("loss", "ratio", "approx_kl", "clipfrac", "kl", "first_step_ratio_dev", "grad_norm",
                             "skipped", "loss_scale")}
+    info["zero_adv_dropped"] = [torch.tensor(len(adv) - len(train_rows))]
     bar = tqdm(total=len(minibatches) * n_train, desc=f"epoch {epoch} update", leave=False, disable=not progress)
-    n_updates = min(args.updates_per_epoch, len(minibatches))
-    for u, update in enumerate(torch.arange(len(minibatches)).tensor_split(n_updates)):
+    # every rank takes the same optimiser steps (each all-reduces the gradients), none if no rank has samples left
+    n_updates = min(args.updates_per_epoch, max(gather(len(minibatches))))
+    updates = torch.arange(len(minibatches)).tensor_split(n_updates) if n_updates else ()  # micro-batches per step
+    for u, update in enumerate(updates):
+        counts = gather(sum(len(minibatches[mb]) for mb in update.tolist()))  # the step's samples on each rank
+        weight = len(counts) / (sum(counts) * n_train)  # per sample and step; x ranks: average_gradients divides
         for mb in update.tolist():
             b_idx = minibatches[mb]
             b_x = samples["latents"][b_idx]  # (b, T + 1, C, h, w)
@@ -600,8 +609,8 @@ def train_epoch(pipe, params, optimizer, scaler, samples, adv, text, args, epoch
                 loss, ratio = ppo_clip_loss(logp_new, logp_old, b_adv, args.clip_range)
                 if kl is not None:
                     loss = loss + args.beta * kl.mean()
-                # average over the micro-batches and steps of one update; fp16 scales it to keep it representable
-                scaler.scale(loss / (len(update) * n_train)).backward()
+                # the micro-batch's mean loss x its size is its per-sample sum; fp16 scales it to stay representable
+                scaler.scale(loss * len(b_idx) * weight).backward()
                 # statistics stay on the device: a .item() here would be a CPU-GPU sync point every step
                 ratio = ratio.detach()
                 info["loss"].append(loss.detach())
@@ -624,9 +633,9 @@ def train_epoch(pipe, params, optimizer, scaler, samples, adv, text, args, epoch
         scaler.update()  # fp16: after an inf/NaN gradient (found by unscale_) the scale halves
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:  # it reads the weights, which a skipped step left as they were
-            ema_update(ema, params, step=epoch * n_updates + u)
+            ema_update(ema, params, step=epoch * args.updates_per_epoch + u)  # n: the optimiser step's index
     bar.close()
-    return {k: torch.stack(v).float().cpu() for k, v in info.items()}
+    return {k: torch.stack(v).float().cpu() if v else torch.zeros(0) for k, v in info.items()}
 
 
 # ---- TRY NOT TO MODIFY: the training loop ------------------------------------------------------------------
@@ -655,6 +664,7 @@ def epoch_metrics(epoch, rewards, terms, stats, audit, info, args, schedule):
         metrics[f"prune/group_std_before_{step}"] = group_std(torch.tensor([c["proxy"] for c in checkpoints]))
         metrics[f"prune/group_std_after_{step}"] = group_std(torch.tensor(kept))
     finite = info["grad_norm"][torch.isfinite(info["grad_norm"])]  # a skipped fp16 step has an inf norm
+    first = info["first_step_ratio_dev"]  # empty, as every policy/ statistic, when nothing was left to train
     metrics.update({
         "perf/nfe_sample": stats["nfe"],
         "perf/decodes": stats["decodes"],
@@ -662,10 +672,11 @@ def epoch_metrics(epoch, rewards, terms, stats, audit, info, args, schedule):
         "policy/approx_kl": info["approx_kl"].mean().item(),
         "policy/clipfrac": info["clipfrac"].mean().item(),
         "policy/ratio_mean": info["ratio"].mean().item(),
-        "policy/first_step_ratio_dev": info["first_step_ratio_dev"].max().item(),
+        "policy/first_step_ratio_dev": first.max().item() if len(first) else float("nan"),
         "policy/kl": info["kl"].mean().item(),
         "policy/grad_norm": finite.mean().item() if len(finite) else float("nan"),
         "policy/skipped_steps": int(info["skipped"].sum()),
+        "policy/zero_adv_dropped": int(info["zero_adv_dropped"].sum()),  # all ranks'
     })
     return metrics
 
@@ -735,11 +746,16 @@ def main(args):
     log, finish_outputs = start_outputs(args, out_dir, start_epoch) if rank == 0 else (None, None)
     alive = live_counts(args.num_steps, args.group_size, schedule)
     dense = args.group_size * args.num_steps
+    trained = args.ovf_after_sampling or alive[-1]  # trajectories per prompt the update sees
     if rank == 0:
         print(f"device {device}, precision {args.mixed_precision}, {world} ranks, "
               f"{sum(p.numel() for p in params):,} trainable parameters, {len(train_prompts)} prompts")
-        print(f"per prompt: {args.group_size} started -> {args.ovf_after_sampling or alive[-1]} trained; live per "
-              f"step {alive}; NFE {sum(alive)} per group vs {dense} unpruned ({1 - sum(alive) / dense:.0%} saved)")
+        print(f"per prompt: {args.group_size} started -> {trained} trained; live per step {alive}; "
+              f"NFE {sum(alive)} per group vs {dense} unpruned ({1 - sum(alive) / dense:.0%} saved)")
+        per_rank = args.prompts_per_epoch // world * trained
+        if per_rank % args.train_batch_size:  # SD3's outputs change with the batch shape: the ratio may show it
+            print(f"note: {per_rank} trajectories per rank are not a multiple of --train_batch_size "
+                  f"{args.train_batch_size}; the last micro-batch holds {per_rank % args.train_batch_size}")
     epochs = tqdm(range(start_epoch, args.num_epochs), desc="epochs", initial=start_epoch, total=args.num_epochs,
                   disable=rank != 0)
     for epoch in epochs:

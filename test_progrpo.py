@@ -461,6 +461,56 @@ def test_ratio_is_one_on_first_update_step(tiny):
     assert info["clipfrac"].max() == 0 and info["kl"].abs().max() < 1e-10
 
 
+def epoch_gradient(pipe, params, samples, adv, text, args):
+    """(the gradient train_epoch hands its optimiser, captured at the step, or None if it took none; its info)."""
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    captured = []
+    optimizer.step = lambda: captured.append(torch.cat([p.grad.flatten() for p in params]))
+    info = progrpo.train_epoch(pipe, params, optimizer, NO_SCALER, samples, adv, text, args, 0)
+    optimizer.zero_grad(set_to_none=True)
+    return (captured[0] if captured else None), info
+
+
+def test_every_sample_weighs_the_same_whatever_the_micro_batching(tiny):
+    """5 trajectories in micro-batches of 2, 2 and 1 give the epoch gradient of micro-batches of 1 (and of one of 5)
+    to fp32 round-off: the loss is a per-sample sum over the optimiser step's samples, not a mean of means."""
+    pipe, params, prompts, text = tiny
+    args = tiny_args(prune="none", mixed_precision="no", max_grad_norm=1e9)
+    samples, _, _ = progrpo.rollout(pipe, text, prompts, tiny_models.colour_reward, args, 0, [])
+    rows = torch.tensor([0, 1, 2, 6, 7])  # 3 of prompt 0's group, 2 of prompt 1's
+    adv = progrpo.group_advantages(samples["rewards"], samples["prompt_idx"])[rows]
+    five = {k: v[rows] for k, v in samples.items()}
+    grads = {b: epoch_gradient(pipe, params, five, adv, text, dataclasses.replace(args, train_batch_size=b))[0]
+             for b in (1, 2, 5)}
+    scale = grads[1].abs().max()
+    assert scale > 0 and (adv != 0).all()
+    torch.testing.assert_close(grads[2], grads[1], rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(grads[5], grads[1], rtol=0, atol=1e-5 * scale)
+
+
+def test_zero_advantage_samples_are_dropped_from_the_update(tiny):
+    """Samples with advantage exactly 0 (a group of equal rewards) leave the update, as in Flow-GRPO: the gradient is
+    the other samples' alone and zero_adv_dropped counts them; with nothing left the epoch takes no optimiser step
+    and its metrics line still forms (policy statistics NaN)."""
+    pipe, params, prompts, text = tiny
+    args = tiny_args(prune="none", mixed_precision="no", max_grad_norm=1e9)
+    samples, stats, audit = progrpo.rollout(pipe, text, prompts, tiny_models.colour_reward, args, 0, [])
+    rewards = samples["rewards"].clone()
+    rewards[:6] = 0.25  # prompt 0's group scored all the same
+    adv = progrpo.group_advantages(rewards, samples["prompt_idx"])
+    assert torch.equal(adv[:6], torch.zeros(6)) and (adv[6:] != 0).all()
+    grad, info = epoch_gradient(pipe, params, samples, adv, text, args)
+    alone, info_alone = epoch_gradient(pipe, params, {k: v[6:] for k, v in samples.items()}, adv[6:], text, args)
+    assert info["zero_adv_dropped"].tolist() == [6] and info_alone["zero_adv_dropped"].tolist() == [0]
+    torch.testing.assert_close(grad, alone, rtol=0, atol=0)  # the same micro-batches of the same samples
+    nothing, info = epoch_gradient(pipe, params, samples, torch.zeros(12), text, args)
+    assert nothing is None and len(info["loss"]) == 0 and info["zero_adv_dropped"].tolist() == [12]
+    terms = samples["reward_terms"].unflatten(0, (2, -1))
+    metrics = progrpo.epoch_metrics(0, rewards.view(2, -1), terms, stats, audit, info, args, [])
+    assert metrics["policy/zero_adv_dropped"] == 12 and math.isnan(metrics["policy/loss"])
+    assert math.isnan(metrics["policy/first_step_ratio_dev"]) and metrics["policy/skipped_steps"] == 0
+
+
 def test_update_math_is_the_same_without_kernels(monkeypatch):
     """With progrpo_kernels/ absent, progrpo's own torch path gives the same log-probs, KL and gradients."""
     g = torch.Generator().manual_seed(0)
