@@ -120,6 +120,7 @@ class Args:
     max_sequence_length: int = arg(128, "T5 prompt tokens (SD3)")
     prompts_per_epoch: int = arg(48, "B: prompts per epoch (Flow-GRPO: 48)")
     sample_batch_size: int = arg(8, "trajectories per model call while sampling (a CFG pair counts once)")
+    shared_noise: bool = arg(False, "DanceGRPO: a group's trajectories start from one latent (their SDE noise differs)")
     decode_batch_size: int = arg(16, "latents per VAE decode")
     reward_batch_size: int = arg(16, "images per reward-model call")
     # ALGO LOGIC: expand and prune
@@ -505,6 +506,8 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids=No
     seeds = [trajectory_seed(args.seed, epoch, prompt_ids[j // G], j % G) for j in live.tolist()]
     generators = [torch.Generator(device).manual_seed(s) for s in seeds]
     x = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])  # (B G, C, h, w) noise
+    if args.shared_noise:  # DanceGRPO: every member starts from member 0's latent; each keeps its own SDE noise
+        x = x[live // G * G]
     latents, log_probs = [x], []  # one (n_live, ...) entry per step; rows follow `live`
     keep_at = dict(schedule)
     stats = dict(nfe=0, decodes=0)

@@ -266,15 +266,16 @@ case "$preset" in
         launch fetch_pickscore_prompts "${SD35[@]}" --group_size 24 --prune 5:16,7:12 --output_dir outputs/sd35-flash \
             "$@"
         ;;
-    sd35-baseline)  # Flow-GRPO: G = 24, no pruning
-        launch fetch_pickscore_prompts "${SD35[@]}" --group_size 24 --prune none --output_dir outputs/sd35-baseline \
-            "$@"
+    sd35-baseline)  # Flow-GRPO: G = 24, no pruning, one std over the epoch's rewards (its pickscore_sd3 config)
+        launch fetch_pickscore_prompts "${SD35[@]}" --group_size 24 --prune none --global_std \
+            --output_dir outputs/sd35-baseline "$@"
         ;;
     sd14)           # Pro-GRPO on SD-v1.4: 48 -> 32 -> 8 at steps {30, 40} of 50, HPSv2.1
         launch fetch_hpsv2_prompts "${SD14[@]}" --group_size 48 --prune 30:32,40:8 --output_dir outputs/sd14 "$@"
         ;;
-    sd14-baseline)  # DanceGRPO-like: G = 16, no pruning
-        launch fetch_hpsv2_prompts "${SD14[@]}" --group_size 16 --prune none --output_dir outputs/sd14-baseline "$@"
+    sd14-baseline)  # DanceGRPO-like: G = 16, no pruning, a group's trajectories start from one shared latent
+        launch fetch_hpsv2_prompts "${SD14[@]}" --group_size 16 --prune none --shared_noise \
+            --output_dir outputs/sd14-baseline "$@"
         ;;
     sd14-multi)     # the paper's multi-objective run: HPSv2.1 + CLIP score
         launch fetch_hpsv2_prompts "${SD14[@]}" --group_size 48 --prune 30:32,40:8 \

@@ -438,6 +438,21 @@ def test_survivors_are_identical_to_unpruned_run(tiny, batch_size):
             assert torch.allclose(pruned[key], full[key][rows], rtol=0, atol=1e-6), key
 
 
+def test_shared_noise_starts_a_group_from_one_latent(tiny):
+    """--shared_noise (DanceGRPO): every member of a group starts from one latent (member 0's own), groups from
+    different ones, and the members part at the first step (their SDE noise differs); without it they start apart."""
+    pipe, _, prompts, text = tiny
+    args = tiny_args(prune="none", num_steps=2, shared_noise=True)
+    shared, _, _ = progrpo.rollout(pipe, text, prompts, tiny_models.colour_reward, args, 0, [])
+    own, _, _ = progrpo.rollout(pipe, text, prompts, tiny_models.colour_reward,
+                                dataclasses.replace(args, shared_noise=False), 0, [])
+    start, after, apart = (s["latents"][:, i].reshape(2, 6, -1) for s, i in ((shared, 0), (shared, 1), (own, 0)))
+    assert torch.equal(start, start[:, :1].expand_as(start)) and torch.equal(start[:, 0], apart[:, 0])
+    assert (start[0, 0] - start[1, 0]).abs().max() > 0.1
+    assert min((after[p, m] - after[p, 0]).abs().max() for p in range(2) for m in range(1, 6)) > 1e-2
+    assert min((apart[p, m] - apart[p, 0]).abs().max() for p in range(2) for m in range(1, 6)) > 0.1
+
+
 def test_static_ovf_keeps_max_variance_subset(tiny):
     """--ovf_after_sampling keeps, per prompt, the OVF subset of the true final rewards."""
     pipe, _, prompts, text = tiny
