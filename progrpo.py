@@ -127,6 +127,7 @@ class Args:
     group_size: int = arg(48, "G_max: trajectories started per prompt")
     prune: str = arg("5:24,7:12", "checkpoints 'step:survivors,...' (prune after `step` steps), or 'none'")
     ovf_after_sampling: int = arg(0, "static OVF: sample the whole group, train its max-variance K (0 = off)")
+    uniform_after_sampling: int = arg(0, "Figure 2's control: sample the whole group, train a seeded uniform K of it")
     reward: str = arg("repro.scorers.PickScore", "a reward (see Rewards) or a weighted sum 'a:1.0,b:0.5'")
     # ALGO LOGIC: update
     learning_rate: float = arg(3e-4, "AdamW learning rate (Flow-GRPO LoRA: 3e-4); 0 = a dry run")
@@ -220,6 +221,10 @@ def validate(args):
     problems += [
         (args.ovf_after_sampling and not 2 <= args.ovf_after_sampling < last,
          f"--ovf_after_sampling {args.ovf_after_sampling} must be in [2, {last}) (the group at the end)"),
+        (args.uniform_after_sampling and not 2 <= args.uniform_after_sampling < last,
+         f"--uniform_after_sampling {args.uniform_after_sampling} must be in [2, {last}) (the group at the end)"),
+        (args.ovf_after_sampling and args.uniform_after_sampling,
+         "--ovf_after_sampling and --uniform_after_sampling exclude each other: give one"),
         (args.full_finetune and args.beta > 0, "--full_finetune has no frozen reference for the KL: use --beta 0"),
         (args.resolution % 16, f"--resolution must be a multiple of 16 (got {args.resolution})"),
         (not 0 < args.timestep_fraction <= 1 or int(args.num_steps * args.timestep_fraction) < 1,
@@ -319,6 +324,11 @@ def ovf_select(rewards, k):
     best = min(tied, key=lambda jj: (abs(2 * jj - k), jj))
     kept = torch.cat([order[:best], order[n - k + best:]])
     return torch.sort(kept).values
+
+
+def uniform_select(n, k, seed):
+    """Figure 2's control arm: the increasing indices of a uniform random k-subset of range(n), drawn from `seed`."""
+    return torch.sort(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]).values
 
 
 def group_advantages(rewards, group_ids, eps=1e-4, clip=5.0, global_std=False):
@@ -475,11 +485,11 @@ def score(pipe, x, prompts, reward_fn, args, stats):
     return rewards[:, 0], rewards[:, 1:]
 
 
-def ovf_prune(scores, k, live, G, audit, step):
-    """Rows of every prompt's OVF subset of size k, from (B, n) scores of the live trajectories (one row of
-    scores per prompt); records in each prompt's audit the members alive at `step`, their scores and the kept."""
+def prune_groups(scores, kept, live, G, audit, step):
+    """Rows of the kept trajectories, from (B, n) scores of the live ones (a row per prompt) and each prompt's kept
+    positions in its row (B tensors); records in each prompt's audit the members alive at `step`, scores and kept."""
     B, n = scores.shape
-    keep = torch.cat([p * n + ovf_select(r, k) for p, r in enumerate(scores)])  # (B k,) flat rows
+    keep = torch.cat([p * n + k for p, k in enumerate(kept)])  # (B k,) flat rows
     members, kept = (live.view(B, -1) % G).tolist(), (live[keep].view(B, -1) % G).tolist()
     for p, a in enumerate(audit):
         a["checkpoints"].append(dict(step=step, members=members[p], proxy=scores[p].tolist(), kept=kept[p]))
@@ -520,7 +530,7 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids=No
             # Pro-GRPO: project to x0 with the output step i needs anyway, decode, score, keep OVF subsets
             x0_hat = project_x0(sched, steps, x, out)
             proxy = score(pipe, x0_hat, [prompts[p] for p in live // G], reward_fn, args, stats)[0].view(B, -1)
-            keep = ovf_prune(proxy, keep_at[i], live, G, audit, i)  # (B K_i,) rows of the survivors
+            keep = prune_groups(proxy, [ovf_select(r, keep_at[i]) for r in proxy], live, G, audit, i)  # (B K_i,)
             # pruned trajectories stop here: drop their rows everywhere so their memory is released
             live, x, out, steps = live[keep], x[keep], out[keep], steps[keep]
             latents, log_probs = [lat[keep] for lat in latents], [lp[keep] for lp in log_probs]
@@ -529,8 +539,15 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids=No
         latents.append(x)
         log_probs.append(logp)
     rewards, terms = score(pipe, x, [prompts[p] for p in live // G], reward_fn, args, stats)
-    if args.ovf_after_sampling:  # the paper's static OVF: prune once, on true final rewards (audited as step T)
-        keep = ovf_prune(rewards.view(B, -1), args.ovf_after_sampling, live, G, audit, T)
+    K = args.ovf_after_sampling or args.uniform_after_sampling  # prune once more, at the end (audited as step T)
+    if K:
+        final = rewards.view(B, -1)
+        if args.ovf_after_sampling:  # the paper's static OVF, on the true final rewards
+            kept = [ovf_select(r, K) for r in final]
+        else:  # Figure 2's control arm: K members drawn uniformly whatever their rewards, seeded per prompt
+            seeds = [trajectory_seed(args.seed, epoch, i, "uniform") for i in prompt_ids]
+            kept = [uniform_select(final.shape[1], K, s) for s in seeds]
+        keep = prune_groups(final, kept, live, G, audit, T)
         live, rewards, terms = live[keep], rewards[keep], terms[keep]
         latents, log_probs = [lat[keep] for lat in latents], [lp[keep] for lp in log_probs]
     for p, a in enumerate(audit):
@@ -749,7 +766,7 @@ def main(args):
     log, finish_outputs = start_outputs(args, out_dir, start_epoch) if rank == 0 else (None, None)
     alive = live_counts(args.num_steps, args.group_size, schedule)
     dense = args.group_size * args.num_steps
-    trained = args.ovf_after_sampling or alive[-1]  # trajectories per prompt the update sees
+    trained = args.ovf_after_sampling or args.uniform_after_sampling or alive[-1]  # per prompt, into the update
     if rank == 0:
         print(f"device {device}, precision {args.mixed_precision}, {world} ranks, "
               f"{sum(p.numel() for p in params):,} trainable parameters, {len(train_prompts)} prompts")

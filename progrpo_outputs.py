@@ -154,8 +154,9 @@ def write_model_card(args, out_dir, history):
     key = "unet" if (out_dir / "unet").is_dir() else "transformer"  # a full fine-tune's folder
     load = (f'pipe.{key} = type(pipe.{key}).from_pretrained("{out_dir}", subfolder="{key}")' if args.full_finetune
             else f'pipe.load_lora_weights("{out_dir}")')
-    settings = ("reward", "group_size", "prune", "ovf_after_sampling", "num_steps", "prompts_per_epoch",
-                "learning_rate", "clip_range", "beta", "mixed_precision", "full_finetune", "rank", "lora_alpha")
+    settings = ("reward", "group_size", "prune", "ovf_after_sampling", "uniform_after_sampling", "global_std",
+                "shared_noise", "num_steps", "prompts_per_epoch", "learning_rate", "clip_range", "beta",
+                "mixed_precision", "full_finetune", "rank", "lora_alpha")
     card = ["---", "library_name: diffusers", f"base_model: {args.pretrained_model_name_or_path}",
             f"tags: [text-to-image, pro-grpo, grpo, {'full-finetune' if args.full_finetune else 'lora'}]", "---", "",
             f"# Pro-GRPO fine-tune of {args.pretrained_model_name_or_path}", "",

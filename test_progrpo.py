@@ -3,6 +3,7 @@
 Each test says in its docstring the one property it pins.
 """
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -464,6 +465,31 @@ def test_static_ovf_keeps_max_variance_subset(tiny):
         assert audit[p]["survivors"] == progrpo.ovf_select(full["rewards"].view(2, 6)[p], 3).tolist()
 
 
+def test_uniform_subset_is_a_seeded_uniform_draw(tiny):
+    """--uniform_after_sampling K (Figure 2's control arm) keeps, per prompt, the K members uniform_select draws from
+    (seed, epoch, prompt), audited like static OVF: the same again for a seed, others for other prompts and epochs,
+    not OVF's choice; and the draw is uniform (each member kept k / n of the time, each k-subset about as often)."""
+    pipe, _, prompts, text = tiny
+    args = tiny_args(prune="none", num_steps=2, uniform_after_sampling=3)
+    kept = {}
+    for epoch in (1, 2, 1):
+        samples, _, audit = progrpo.rollout(pipe, text, prompts, tiny_models.colour_reward, args, epoch, [])
+        for p, a in enumerate(audit):
+            expected = progrpo.uniform_select(6, 3, progrpo.trajectory_seed(args.seed, epoch, p, "uniform")).tolist()
+            end = a["checkpoints"][-1]
+            assert a["survivors"] == expected == end["kept"] and end["step"] == 2 and end["members"] == list(range(6))
+            assert a["final"] == [end["proxy"][m] for m in expected]  # the whole group's final rewards were scored
+            assert kept.setdefault((epoch, p), expected) == expected  # the same again for the same seed
+            kept[epoch, p, "ovf"] = progrpo.ovf_select(torch.tensor(end["proxy"]), 3).tolist()
+    assert len({tuple(kept[e, p]) for e in (1, 2) for p in (0, 1)}) > 2  # other prompts and epochs, other draws
+    assert any(kept[e, p] != kept[e, p, "ovf"] for e in (1, 2) for p in (0, 1))
+    draws = torch.stack([progrpo.uniform_select(6, 3, seed) for seed in range(20_000)])  # (20000, 3)
+    member_share = torch.bincount(draws.flatten(), minlength=6) / 20_000  # 1/2 each; sd 0.0035
+    subset_share = torch.tensor(list(collections.Counter(map(tuple, draws.tolist())).values())) / 20_000
+    assert (member_share - 0.5).abs().max() < 0.02 and len(subset_share) == 20  # C(6, 3) subsets, sd 0.0015
+    assert (subset_share - 1 / 20).abs().max() < 0.007
+
+
 def test_ratio_is_one_on_first_update_step(tiny):
     """With unchanged weights the recomputed log-probs equal the sampling ones: ratio 1 (CFG, micro-batches differ)."""
     pipe, params, prompts, text = tiny
@@ -815,6 +841,8 @@ BAD_INPUTS = [  # (flags, the message's key words); each must fail before any mo
     (["--timestep_fraction", "0"], "--timestep_fraction"),
     (["--mixed_precision", "fp8"], "--mixed_precision must be no, fp16 or bf16"),
     (["--ovf_after_sampling", "12"], "--ovf_after_sampling 12 must be in [2, 3)"),
+    (["--uniform_after_sampling", "3"], "--uniform_after_sampling 3 must be in [2, 3)"),
+    (["--ovf_after_sampling", "2", "--uniform_after_sampling", "2"], "--uniform_after_sampling exclude each other"),
     (["--full_finetune", "--beta", "0.01"], "--full_finetune has no frozen reference"),
     (["--pretrained_model_name_or_path", "./no/such/model"],
      "--pretrained_model_name_or_path './no/such/model' is neither a hub id nor a folder with model_index.json"),

@@ -1,6 +1,6 @@
-"""The matched-compute comparison: GRPO, the expanded group trained in full, static OVF and Pro-GRPO, each run
-until it has spent the same FLOPs (sampling, decode + reward calls, update), over a small hyperparameter grid
-applied identically to every method and several seeds.
+"""The matched-compute comparison: GRPO, the expanded group trained in full, a uniform random subset of it, static
+OVF and Pro-GRPO, each run until it has spent the same FLOPs (sampling, decode + reward calls, update), over a
+small hyperparameter grid applied identically to every method and several seeds.
 
     python -m repro.compare [progrpo.py flags] --seeds 2 --max_flops 2e12 \
         --grid_learning_rate 1e-3,3e-4 --grid_clip_range 1e-2 --jobs 2 --diagnose_epochs 4     (bash run.sh compare)
@@ -13,8 +13,9 @@ applied identically to every method and several seeds.
 3. Matched wall-clock, beside matched FLOPs: each run's eval reward interpolated (linearly, between its
    evaluations) at the same cumulative seconds of sampling + training (metrics' time/cumulative_s, which leaves
    out evaluation and model loading): the shortest run's total, so every run has reached it.
-4. The paper's Figure 2 question: does the OVF subset beat the full group it was taken from? static-ovf vs
-   grpo-expanded at equal updates (the same epochs: one update per epoch each) and at equal compute (1.).
+4. The paper's Figure 2 question: does the OVF subset beat the full group it was taken from, and a uniform random
+   subset of the same size? static-ovf vs grpo-expanded and uniform-subset at equal updates (the same epochs: one
+   update per epoch each) and at equal compute (1.).
 5. Diagnostics on the base model (--diagnose_epochs N): N epochs of Pro-GRPO rollouts replayed unpruned
    (repro.diagnostics.audit_rollout), giving proxy fidelity per pruning checkpoint, reward clustering and the
    paper's Figure 1 histogram.
@@ -59,9 +60,10 @@ def epoch_total_flops(args, per_call=None):
     return epoch_flops(per_call or per_call_flops(args), args, progrpo.validate(args))["total"]
 
 
-COMPARE_METHODS = {  # the demo task's four ways to spend the same compute (`bash run.sh compare`)
+COMPARE_METHODS = {  # the demo task's five ways to spend the same compute (`bash run.sh compare`)
     "grpo": dict(group_size=8, prune="none"),  # plain GRPO at the baseline group size (Flow-GRPO: G = 24)
     "grpo-expanded": dict(group_size=16, prune="none"),  # the expanded group, sampled and trained in full
+    "uniform-subset": dict(group_size=16, prune="none", uniform_after_sampling=4),  # sample 16, train a random 4
     "static-ovf": dict(group_size=16, prune="none", ovf_after_sampling=4),  # sample 16, train the max-variance 4
     "pro-grpo": dict(group_size=16, prune="5:8,7:4"),  # expand 16, prune to 8 then 4 inside the loop
 }
@@ -141,17 +143,24 @@ def summarise(results, per_epoch):
     return table, best, horizon
 
 
+FIGURE2 = ("grpo-expanded", "uniform-subset", "static-ovf")  # the full group, a uniform subset, the OVF subset
+
+
 def figure2_rows(results, cells):
-    """static-ovf vs grpo-expanded at equal updates: eval reward at every epoch both evaluated in every seed."""
+    """Figure 2's arms at equal updates: eval reward at every epoch each arm evaluated in every seed, and static-ovf
+    minus uniform-subset and minus grpo-expanded ('-' for an arm not run)."""
     rows = []
     for cell in cells:
-        curves = {n: [dict(zip(*eval_curve(h, 1.0)[::3])) for h in results[n, cell]] for n in ("grpo-expanded",
-                                                                                               "static-ovf")}
+        curves = {n: [dict(zip(*eval_curve(h, 1.0)[::3])) for h in results[n, cell]] for n in FIGURE2
+                  if (n, cell) in results}
         shared = sorted(set.intersection(*(set(c) for runs in curves.values() for c in runs)))
         for epoch in shared:
             values = {n: [c[epoch] for c in runs] for n, runs in curves.items()}
-            rows.append(f"| {cell} | {epoch} | {mean_std(values['grpo-expanded'])} | {mean_std(values['static-ovf'])} "
-                        f"| {np.mean(values['static-ovf']) - np.mean(values['grpo-expanded']):+.3f} |")
+            columns = [mean_std(values[n]) if n in values else "-" for n in FIGURE2]
+            for other in ("uniform-subset", "grpo-expanded"):  # static-ovf minus each
+                gap = np.mean(values["static-ovf"]) - np.mean(values[other]) if other in values else None
+                columns.append("-" if gap is None else f"{gap:+.3f}")
+            rows.append(f"| {cell} | {epoch} | " + " | ".join(columns) + " |")
     return rows
 
 
@@ -213,7 +222,7 @@ def compare(args, seeds, max_flops, grid=None, jobs=1, diagnose_epochs=0):
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     per_epoch, runs = {}, {}
-    per_call = per_call_flops(args)  # the model, VAE and reward loaded once for all four methods
+    per_call = per_call_flops(args)  # the model, VAE and reward loaded once for all the methods
     for name, changes in COMPARE_METHODS.items():
         method = dataclasses.replace(args, **changes)
         per_epoch[name] = epoch_total_flops(method, per_call)
@@ -238,8 +247,9 @@ def compare(args, seeds, max_flops, grid=None, jobs=1, diagnose_epochs=0):
         r = table[name, cell]
         best_rows.append(f"| {name} | {cell} | {mean_std(r['final'])} | {', '.join(f'{v:.3f}' for v in r['final'])} "
                          f"| {mean_std(r['at_horizon'])} | {', '.join(f'{v:.3f}' for v in r['at_horizon'])} |")
-    fig2 = ["| grid cell | epoch | grpo-expanded (16 trained) | static-ovf (4 of 16 trained) | static - expanded |",
-            "|---|---|---|---|---|"] + figure2_rows(results, [cell_name(c) for c in cells])
+    fig2 = ["| grid cell | epoch | grpo-expanded (16 trained) | uniform-subset (random 4 of 16) | static-ovf (OVF 4 of "
+            "16) | static - uniform | static - expanded |", "|---|---|---|---|---|---|---|"]
+    fig2 += figure2_rows(results, [cell_name(c) for c in cells])
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, cell in best.items():
@@ -263,7 +273,8 @@ def compare(args, seeds, max_flops, grid=None, jobs=1, diagnose_epochs=0):
               f"{grid_text}, reward '{args.reward}', model '{args.pretrained_model_name_or_path}'. Mean +- std over "
               f"seeds; best cell = highest final eval reward, mean over seeds; plot bands span min to max over seeds."
               f"\n\n## Best cell per method\n\n" + "\n".join(best_rows) + "\n\n## Full grid\n\n" + "\n".join(rows)
-              + "\n\n## Does the OVF subset beat its full group? (equal updates)\n\n" + "\n".join(fig2)
+              + "\n\n## Does the OVF subset beat its full group and a random subset? (equal updates)\n\n"
+              + "\n".join(fig2)
               + "\n\n![reward against compute and time](comparison.png)\n")
     if diagnose_epochs:
         report += "\n" + diagnose(args, diagnose_epochs, out)

@@ -25,8 +25,8 @@ def audit_rollout(pipe, text, prompts, reward_fn, args, epoch, schedule):
     """A pruned rollout's audit with every pruned member's final reward filled in (a["audited"]), from an
     unpruned replay of the same epoch. Costs a full unpruned rollout: diagnostics only."""
     _, stats, audit = rollout(pipe, text, prompts, reward_fn, args, epoch, schedule)
-    full, _, _ = rollout(pipe, text, prompts, reward_fn, dataclasses.replace(args, prune="none", ovf_after_sampling=0),
-                         epoch, [])
+    unpruned = dataclasses.replace(args, prune="none", ovf_after_sampling=0, uniform_after_sampling=0)
+    full, _, _ = rollout(pipe, text, prompts, reward_fn, unpruned, epoch, [])
     finals = full["rewards"].view(len(prompts), -1)  # (B, G_max), members in order
     for p, a in enumerate(audit):
         a["audited"] = {m: finals[p, m].item() for m in range(args.group_size) if m not in a["survivors"]}

@@ -88,7 +88,7 @@ def epoch_flops(per_call, args, schedule):
     """
     alive = live_counts(args.num_steps, args.group_size, schedule)
     final = schedule[-1][1] if schedule else args.group_size  # trajectories that reach the end
-    trained = args.ovf_after_sampling or final  # static OVF scores the whole group but trains only K'
+    trained = args.ovf_after_sampling or args.uniform_after_sampling or final  # scores the whole group, trains K'
     image = per_call["decode"] + per_call["reward"]
     step = per_call["train"] + (per_call["reference"] if args.beta > 0 else 0)
     B = args.prompts_per_epoch
