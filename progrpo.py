@@ -16,7 +16,8 @@ One epoch:
   4. Per prompt keep the K_k trajectories whose proxies have the largest variance (exact OVF); stop the rest.
   5. Finish the survivors; decode and score them: the rewards R.
   6. A = (R - mean_S) / (std_S + 1e-4) over each prompt's K survivors, clipped to |A| <= 5.
-  7. PPO-clip GRPO update on the survivors' stored steps, plus a KL penalty to the frozen base model.
+  7. PPO-clip GRPO update on the survivors' stored steps, plus a KL penalty to the frozen base model. Samples with
+     A exactly 0 (a group of equal rewards) are dropped from it: Flow-GRPO's rule.
 
 Equations. Flow models (x_sigma = (1 - sigma) x0 + sigma eps, sigma from 1 = noise to 0 = data, v predicted):
   SDE step     x_next = mean + std sqrt(-dt) z,  dt = sigma_next - sigma,  std = a sqrt(sigma / (1 - sigma'))
@@ -39,9 +40,17 @@ whose every step failed so stops the run before it saves (see main).
 Departures from Flow-GRPO: (1) groups are expanded and pruned in the sampling loop (`--prune none`: plain GRPO);
 (2) each trajectory has its own generator seeded by (seed, epoch, prompt, member), so a survivor is the
 trajectory it would have been unpruned, up to float round-off; (3) advantages are normalised over each prompt's
-survivors (`--global_std`: Flow-GRPO's batch std); (4) prompts are drawn by one seeded permutation; (5) diffusion
-models follow DanceGRPO: DDPO's DDIM log-prob (the last step ends at alphas_cumprod[0]), the trained steps in a
-random order per trajectory, `--full_finetune` with no KL term.
+survivors (`--global_std`: Flow-GRPO's per-prompt mean and one std over the epoch's rewards, all ranks'); (4) prompts
+are drawn by one seeded permutation; (5) diffusion models follow DanceGRPO: DDPO's DDIM log-prob (the last step ends
+at alphas_cumprod[0]), the trained steps in a random order per trajectory, `--full_finetune` with no KL term,
+`--shared_noise` (a group starts from one latent; DanceGRPO's SD script shares one across all of a rank's groups);
+(6) every trained sample weighs the same: the loss is a per-sample sum over the optimiser step's samples (Flow-GRPO
+re-admits random zero-advantage samples until the kept ones fill its fixed number of equal micro-batches); (7) the
+unconditional half of the guided output keeps its gradient in the update (Flow-GRPO's July 2025 snapshot detaches
+it; its earlier and later versions and DanceGRPO do not); at --guidance_scale 1 it is not computed at all; (8) the
+EMA steps once per optimiser step n = epoch x updates_per_epoch + u, every 8th, with decay d = min(0.9, (1 + n) /
+(10 + n)); Flow-GRPO steps it after every micro-batch with its optimiser-step count, so at each 8th count it applies
+m times (m micro-batches per optimiser step on a rank), an effective decay d^m, one optimiser step earlier.
 
 Glossary: B prompts, G group size (G_max expanded), K survivors, T steps, x latents, sigma / sigma_next, dt,
 a_t alphas_cumprod, `out` the guided model output in the sampler's terms (v or eps), `sched` the sampler's
@@ -1090,7 +1099,8 @@ def average_gradients(params):
 
 
 def ema_update(ema, params, step, decay=0.9, every=8):
-    """Flow-GRPO's EMA: every 8 optimiser steps, ema += (1 - d) (p - ema), d = min(0.9, (1 + n) / (10 + n))."""
+    """Flow-GRPO's EMA schedule: every 8 optimiser steps, ema += (1 - d) (p - ema), d = min(0.9, (1 + n) / (10 + n)),
+    once per optimiser step (Flow-GRPO applies it once per micro-batch: departure (8) in the module docstring)."""
     if (step + 1) % every == 0:
         d = min(decay, (1 + step) / (10 + step))
         for e, p in zip(ema, params):
