@@ -803,9 +803,9 @@ def main(args):
         rewards, groups = samples["rewards"], torch.tensor(prompt_ids)[samples["prompt_idx"]]  # (N,) each
         start = 0  # this rank's first row among the rewards normalised together
         if args.global_std:  # Flow-GRPO: one std over the whole epoch's rewards, every rank's, on every rank
-            parts = gather((rewards, groups))
-            start = sum(len(p[0]) for p in parts[:rank])
-            rewards, groups = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            everyone = gather((rewards, groups))
+            start = sum(len(r) for r, _ in everyone[:rank])
+            rewards, groups = torch.cat([r for r, _ in everyone]), torch.cat([ids for _, ids in everyone])
         adv = advantages_fn(rewards, groups, clip=args.adv_clip_max, global_std=args.global_std)
         adv = adv[start:start + len(samples["rewards"])].to(device)
         for entry, row in zip(audit, adv.view(len(prompts), -1).tolist()):
