@@ -236,7 +236,7 @@ case "$preset" in
         "$PY" -m progrpo_kernels.bench "$@"
         ;;
     compare)        # matched compute on the demo's digits task: 5 methods x grid x 3 seeds, 2 runs at a time
-                    # (4 methods: 6 min measured on 2 idle cores, 45 min shared); the demo's flags but for what the methods vary
+                    # (4 methods took 6 min on 2 idle cores, 45 min shared); the demo's flags but for what methods vary
         [ -f repro/digits/pipeline/model_index.json ] || "$PY" -m repro.digits make
         OMP_NUM_THREADS=1 "$PY" -m repro.compare --pretrained_model_name_or_path repro/digits/pipeline \
             --reward repro.digits.DigitReward --prompts repro/digits/train.txt --eval_prompts repro/digits/eval.txt \

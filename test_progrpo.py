@@ -979,8 +979,8 @@ def test_args_defaults_are_the_sd35_preset():
     names = {t[2:].removeprefix("no-") for t in tokens if t.startswith("--")} - {"output_dir"}
     preset, defaults = progrpo.parse_args(tokens), progrpo.Args()
     assert len(names) >= 20 and {"ema", "sample_batch_size", "train_batch_size", "group_size", "prune"} <= names
-    differ = {n: (getattr(preset, n), getattr(defaults, n)) for n in names if getattr(preset, n) != getattr(defaults, n)}
-    assert differ == {}, differ  # (preset's value, Args default)
+    pairs = {n: (getattr(preset, n), getattr(defaults, n)) for n in names}  # (the preset's value, Args' default)
+    assert {n: pair for n, pair in pairs.items() if pair[0] != pair[1]} == {}
 
 
 def test_reward_model_not_cached_offline_is_one_line(tmp_path, tiny_dir):
