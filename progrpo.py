@@ -843,7 +843,8 @@ def main(args):
         # A run whose steps keep failing stops, every rank at once (each holds every rank's info), before it saves.
         # A step fails when it is skipped at a loss scale of 1 or less: in fp32 and bf16 any skipped step; fp16's
         # scaler skips while it lowers its scale from 2^16 to one that fits; below 1 is "likely wrong" (torch).
-        if (info["skipped"].bool() & (info["loss_scale"] <= 1)).all():
+        failed = info["skipped"].bool() & (info["loss_scale"] <= 1)
+        if len(failed) and failed.all():  # an epoch with no step (every advantage 0) has not failed
             raise RunError(f"every optimiser step of epoch {epoch} had an inf/NaN loss or gradient (policy/loss "
                            f"{info['loss'].mean().item():.4g}) and was skipped; stopping before its checkpoint and the "
                            "final weights are written (its policy/ figures are in metrics.jsonl)")
