@@ -974,7 +974,7 @@ def test_args_defaults_are_the_sd35_preset():
     text = (ROOT / "run.sh").read_text()
     array = re.search(r"^SD35=\((.*?)\)", text, re.S | re.M)[1]
     block = re.search(r"^\s*sd35\)(.*?);;", text, re.S | re.M)[1]
-    launch = re.search(r'launch "\$\{SD35\[@\]\}"(.*?)"\$@"', block, re.S)[1]
+    launch = re.search(r'launch (?:\w+ )?"\$\{SD35\[@\]\}"(.*?)"\$@"', block, re.S)[1]  # after its fetch step
     tokens = shlex.split(array) + shlex.split(launch)
     names = {t[2:].removeprefix("no-") for t in tokens if t.startswith("--")} - {"output_dir"}
     preset, defaults = progrpo.parse_args(tokens), progrpo.Args()
