@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Pro-GRPO presets. Usage: bash run.sh [demo|test|lock|bench|flops|compare|preflight|eval|sd35|sd35-flash|sd35-baseline|sd14|sd14-baseline|sd14-multi] [extra flags]
+# Pro-GRPO presets. Usage: bash run.sh [demo|test|lock|bench|flops|compare|preflight|premise|eval|sd35|sd35-flash|sd35-baseline|sd14|sd14-baseline|sd14-multi] [extra flags]
 #   (none) / demo   CPU demo: Pro-GRPO on a small pretrained SD3-class digits model and a learned digit reward
 #   test            the test suite (CPU, offline)
 #   lock            move requirements.lock to the newest releases that pass the suite
 #   bench           progrpo_kernels/bench.py: Triton vs torch timings
 #   eval            the paper's evaluation: bash run.sh eval sd35|sd14|demo [--weights DIR ...] (repro/eval.py)
+#   premise         will pruning help? bash run.sh premise demo|sd35|sd14|... [flags] (repro/premise.py)
 #   sd35*           the paper's flow settings on a GPU (SD3.5-Medium, PickScore); needs `hf auth login`
 #   sd14*           the paper's diffusion settings on a GPU (SD-v1.4, DDIM eta 1, HPSv2.1)
 set -euo pipefail
@@ -259,6 +260,17 @@ case "$preset" in
     preflight)      # before a long GPU run: a preset's real architectures, random weights, one short epoch
         HF_HUB_OFFLINE=1 "$PY" -m repro.preflight --world_size "$WORLD" "$@"
         ;;
+    premise)        # will pruning help on this model and reward, and where? (repro/premise.py): proxy fidelity per
+                    # step beside its ceiling, kept-set vs chance, clustering, a suggested --prune. demo: ~2 min on CPU
+        target="${1:-demo}"
+        [ $# -gt 0 ] && shift
+        case "$target" in
+            demo|digits) [ -f repro/digits/pipeline/model_index.json ] || "$PY" -m repro.digits make ;;
+            sd35*) fetch_pickscore_prompts ;;
+            sd14*) fetch_hpsv2_prompts ;;
+        esac
+        "$PY" -m repro.premise "$target" "$@"
+        ;;
     sd35)           # Pro-GRPO: 48 -> 24 -> 12 at steps {5, 7}
         launch fetch_pickscore_prompts "${SD35[@]}" --group_size 48 --prune 5:24,7:12 --output_dir outputs/sd35 "$@"
         ;;
@@ -282,7 +294,7 @@ case "$preset" in
             --reward repro.scorers.HPSv2:1.0,repro.scorers.CLIPScore:1.0 --output_dir outputs/sd14-multi "$@"
         ;;
     *)
-        echo "error: unknown preset '$preset'; choose demo, test, lock, bench, flops, compare, preflight, eval, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline or sd14-multi" >&2
+        echo "error: unknown preset '$preset'; choose demo, test, lock, bench, flops, compare, preflight, premise, eval, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline or sd14-multi" >&2
         exit 2
         ;;
 esac
