@@ -927,6 +927,47 @@ def test_run_sh_refuses_an_unknown_preset_or_a_flag_its_preset_cannot_take(tmp_p
     assert "Traceback" not in result.stderr and not (tmp_path / "dataset").exists()
 
 
+STAND_IN_PYTHON = """#!/bin/sh
+case "$*" in  # the throwaway venv's python: pip installs nothing, freeze prints FREEZE, pytest says SUITE's verdict
+    "-m pip freeze"*) cat "$FREEZE" ;;
+    "-m pip"*) ;;
+    "-m pytest"*) if [ "$SUITE" = pass ]; then echo "3 passed in 0.01s"; exit 0; fi
+                  echo "FAILED test_progrpo.py::test_x - AssertionError"; echo "1 failed, 2 passed in 0.01s"; exit 1 ;;
+    *platform*) echo 3.11.7 ;;
+    *) exit 3 ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("suite", ["fail", "pass"])
+def test_run_sh_lock_rewrites_the_lock_only_when_the_suite_passes(tmp_path, suite):
+    """`bash run.sh lock` under newer versions (a stand-in venv reports transformers 99.0): a failing suite prints the
+    failing test and the versions that moved, exits 1 and leaves the lock as it was; a passing one rewrites it."""
+    for name in ("run.sh", "requirements.txt", "requirements.lock"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    lock = (ROOT / "requirements.lock").read_text()
+    freeze = tmp_path / "freeze.txt"  # the lock's pins with one moved forward
+    freeze.write_text("".join(("transformers==99.0" if line.startswith("transformers==") else line) + "\n"
+                              for line in lock.splitlines() if not line.startswith("#")))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text(STAND_IN_PYTHON)
+    (tmp_path / "bin" / "python3").write_text('#!/bin/sh\n[ "$1 $2" = "-m venv" ] || exit 3\n'
+                                              f'mkdir -p "$3/bin" && cp "{tmp_path}/bin/python" "$3/bin/python"\n')
+    for f in (tmp_path / "bin").iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "FREEZE": str(freeze), "SUITE": suite}
+    result = subprocess.run(["bash", str(tmp_path / "run.sh"), "lock"], capture_output=True, text=True, env=env,
+                            timeout=120)
+    new_lock = (tmp_path / "requirements.lock").read_text()
+    if suite == "fail":
+        assert result.returncode == 1 and "FAILED test_progrpo.py::test_x" in result.stderr, result.stderr
+        assert "under the new versions: transformers==99.0" in result.stderr and new_lock == lock
+    else:
+        assert result.returncode == 0, result.stderr
+        assert "transformers==99.0" in new_lock.splitlines() and "3 passed" in new_lock.splitlines()[1]
+        assert new_lock.replace("transformers==99.0", "").count("==") == lock.count("==") - 1  # the rest as before
+
+
 FLAG_VALUES = {  # any value, as a tired user types it: edges, huge, non-finite, the wrong type, paths of every kind
     "int": st.one_of(st.integers(-2, 64).map(str), st.integers().map(str),
                      st.sampled_from([str(2**31), str(2**63), "1" + "0" * 30, "ten", "1.5", ""])),
