@@ -191,7 +191,7 @@ case "$preset" in
             --prompts repro/digits/train.txt --eval_prompts repro/digits/eval.txt --num_eval_prompts 20 \
             --resolution 16 --mixed_precision no --max_sequence_length 24 --num_epochs 80 --prompts_per_epoch 6 \
             --group_size 16 --prune 5:8,7:4 --sample_batch_size 48 --decode_batch_size 48 --train_batch_size 8 \
-            --eval_steps 10 --eval_every 10 --checkpointing_steps 1000 --learning_rate 1e-3 --clip_range 1e-2 \
+            --eval_steps 10 --eval_every 10 --checkpointing_steps 1000 --learning_rate 5e-4 --clip_range 1e-2 \
             --beta 0 --no-ema --output_dir outputs/demo "$@"
         echo "pictures: outputs/demo/samples/*.png, outputs/demo/reward_curve.png; metrics: outputs/demo/metrics.jsonl"
         ;;
