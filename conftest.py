@@ -15,7 +15,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """The tiny random SD3 and SD1 pipelines saved as diffusers folders (flow/, ddim/) with colour prompts."""
+    """The tiny random SD3, SD1 and FLUX.1-dev-shaped pipelines saved as diffusers folders (flow/, ddim/, flux/)
+    with colour prompts."""
     from repro.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny"))
