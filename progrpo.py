@@ -258,13 +258,13 @@ def validate(args):
 # ---- ALGO LOGIC: the pure math. All of it runs in fp32, whatever the model dtype (bf16 overflows the mean).
 
 def _per_sample(value, like):
-    """(B,) schedule values -> (B, 1, 1, 1) so they broadcast over a latent batch."""
+    """(B,) schedule values -> (B, 1, ..., 1) so they broadcast over a latent batch of any rank."""
     return value.to(torch.float32).view(-1, *([1] * (like.ndim - 1)))
 
 
 def gaussian_logprob(sample, mean, std):
-    """log N(sample; mean, std^2) per element, constants included, averaged (not summed) over C*H*W as
-    Flow-GRPO and DDPO do. The sample is data: no gradient flows into it."""
+    """log N(sample; mean, std^2) per element, constants included, averaged (not summed) over a sample's C*H*W
+    elements, however laid out, as Flow-GRPO and DDPO do. The sample is data: no gradient flows into it."""
     return (-((sample.detach().float() - mean) ** 2) / (2 * std**2) - torch.log(std)
             - 0.5 * math.log(2 * math.pi)).mean(dim=tuple(range(1, mean.ndim)))
 
@@ -278,7 +278,7 @@ def flow_std(sigma, sigma_next, noise_level):
 
 def sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, prev_sample=None, noise=None):
     """One Flow-GRPO SDE step from sigma to sigma_next, and the log-prob of the step taken.
-    v, x: (B, C, H, W) model output and latent; sigma, sigma_next: (B,); noise_level: the float a. Give
+    v, x: (B, ...) model output and latent; sigma, sigma_next: (B,); noise_level: the float a. Give
     prev_sample to score a stored step (the update), or noise ~ N(0, 1) to draw one. Returns (prev_sample,
     log_prob (B,), prev_sample_mean, std_dev_t (B,)); a = 0 is the Euler ODE step x + v dt, with log_prob None."""
     v, x = v.float(), x.float()
@@ -296,7 +296,7 @@ def sde_step_with_logprob(v, x, sigma, sigma_next, noise_level, prev_sample=None
 
 def ddim_step_with_logprob(eps, x, alpha_prod_t, alpha_prod_t_prev, eta, prev_sample=None, noise=None):
     """One DDIM step (DDPO's ddim_step_with_logprob) and the log-prob of the step taken.
-    eps, x: (B, C, H, W) predicted noise and latent; alpha_prod_t, alpha_prod_t_prev: (B,) alphas_cumprod at t
+    eps, x: (B, ...) predicted noise and latent; alpha_prod_t, alpha_prod_t_prev: (B,) alphas_cumprod at t
     and at prev_t = t - 1000 / T (clamped at 0: the last step ends at alphas_cumprod[0]). eta = 1 is DDPM-like
     ancestral sampling, eta = 0 deterministic DDIM (log_prob None). Returns what sde_step_with_logprob does."""
     eps, x = eps.float(), x.float()
@@ -402,12 +402,11 @@ def ppo_clip_loss(logp_new, logp_old, adv, clip_range):
     return torch.maximum(unclipped, clipped).mean(), ratio
 
 
-# The sampler's schedule is a dict of (T,) tensors indexed by step: `sigma`, `sigma_next` for flow
-# models, `alpha_prod_t`, `alpha_prod_t_prev` for DDIM. These three functions are the only places that
-# look at which; `i` is a (N,) tensor of step indices, one per trajectory.
+# The sampler's schedule is a dict of (T,) tensors indexed by step: `sigma`, `sigma_next` for flow models,
+# `alpha_prod_t`, `alpha_prod_t_prev` for DDIM; `i` is a (N,) tensor of step indices, one per trajectory.
 
 def sampler_step(sched, i, out, x, noise_level, prev_sample=None, noise=None):
-    """The family's step: Flow-GRPO SDE (noise_level = a) or DDPO DDIM (noise_level = eta)."""
+    """The schedule's step: Flow-GRPO SDE (noise_level = a) or DDPO DDIM (noise_level = eta)."""
     if "sigma" in sched:
         sigma, sigma_next = sched["sigma"][i], sched["sigma_next"][i]
         return sde_step_with_logprob(out, x, sigma, sigma_next, noise_level, prev_sample, noise)
@@ -444,7 +443,7 @@ def step_logprob_torch(sched, i, out, x, x_next, noise_level, out_ref=None):
     if out_ref is None:
         return logp, None
     mean_ref = sampler_step(sched, i, out_ref, x, noise_level, prev_sample=x_next)[2]
-    return logp, ((mean - mean_ref) ** 2).mean(dim=(1, 2, 3)) / (2 * std**2)
+    return logp, ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * std**2)
 
 
 # ---- ALGO LOGIC: rollout with expand and prune -------------------------------------------------------------
@@ -454,26 +453,16 @@ def trajectory_seed(seed, epoch, prompt, member):
     return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}/{prompt}/{member}".encode()).digest()[:8], "little") >> 1
 
 
-def predict(model, sched, i, x, text, prompt_idx, args, batch_size):
-    """Guided model output o = o_uncond + g (o_text - o_uncond) for x (N, C, h, w) at steps i (N,), prompts
-    prompt_idx (N,), in micro-batches; fp32 v (flow) or eps (diffusion). Sampling and the update both call it,
-    so both see the same CFG, dtype and conditioning: the first update step reproduces the sampling log-probs.
-    At g = 1 the formula is o_text: the unconditional half is not computed, so CFG-free training costs half."""
-    negative = len(text["embeds"]) - 1  # the empty prompt's row (see encode_prompts)
+def predict(pipe, sched, i, x, text, prompt_idx, args, batch_size):
+    """The family's guided output (guided_output) for latents x (N, ...) at steps i (N,) and prompts prompt_idx (N,),
+    in micro-batches; fp32 v (flow) or eps (diffusion). Sampling and the update both call it, so both see the same
+    guidance, dtype and conditioning: the first update step reproduces the sampling log-probs."""
     dtype = DTYPES[args.mixed_precision]  # the forward under autocast in the half dtype; fp32 runs as it is
-    copies = 1 if args.guidance_scale == 1 else 2  # the latents twice (unconditional, text), or once at g = 1
     out = []
     for b_x, b_i, b_p in zip(x.split(batch_size), i.split(batch_size), prompt_idx.split(batch_size)):
-        rows = b_p if copies == 1 else torch.cat([torch.full_like(b_p, negative), b_p])  # unconditional half first
-        t = sched["timesteps"][b_i]
         with nullcontext() if dtype == torch.float32 else torch.autocast(x.device.type, dtype=dtype):
-            o = denoise(model, b_x.repeat(copies, 1, 1, 1), t.repeat(copies), text, rows)  # (2n or n, C, h, w)
-        o = o.float()  # everything after the forward is fp32
-        if copies == 2:
-            o_uncond, o_text = o.chunk(2)
-            o = o_uncond + args.guidance_scale * (o_text - o_uncond)
-        out.append(o)
-    return as_sampler_output(sched, i, x, torch.cat(out))
+            out.append(guided_output(pipe, b_x, sched["timesteps"][b_i], text, b_p, args.guidance_scale))
+    return torch.cat(out)
 
 
 def score(pipe, x, prompts, reward_fn, args, stats):
@@ -511,20 +500,18 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids=No
 
     prompt_ids: the prompts' positions in the epoch's whole batch (default 0..B-1); with the epoch they seed
     every trajectory's noise, so a rank sampling a share of the batch samples what one process would. Returns
-    the survivors, rows sorted by trajectory id = prompt * G_max + member: latents (N, T + 1, C, h, w) fp32,
+    the survivors, rows sorted by trajectory id = prompt * G_max + member: latents (N, T + 1, ...) fp32,
     log_probs (N, T), rewards (N,), reward_terms (N, n_terms), prompt_idx (N,), member (N,); the counters
     (NFE, images decoded and scored) and the per-prompt audit."""
-    model = denoiser(pipe)
-    device = model.device
+    device = denoiser(pipe).device
     B, G, T = len(prompts), args.group_size, args.num_steps
-    sched = sampler_schedule(pipe, T, device)
-    side = args.resolution // pipe.vae_scale_factor
-    shape = (model.config.in_channels, side, side)
+    sched = sampler_schedule(pipe, T, args.resolution, device)
+    shape = latent_shape(pipe, args.resolution)  # one trajectory's
     prompt_ids = list(range(B)) if prompt_ids is None else prompt_ids
     live = torch.arange(B * G)  # ids of the live trajectories, increasing, so each prompt's rows stay contiguous
     seeds = [trajectory_seed(args.seed, epoch, prompt_ids[j // G], j % G) for j in live.tolist()]
     generators = [torch.Generator(device).manual_seed(s) for s in seeds]
-    x = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])  # (B G, C, h, w) noise
+    x = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])  # (B G, ...) noise
     if args.shared_noise:  # DanceGRPO: every member starts from member 0's latent; each keeps its own SDE noise
         x = x[live // G * G]
     latents, log_probs = [x], []  # one (n_live, ...) entry per step; rows follow `live`
@@ -533,7 +520,7 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids=No
     audit = [dict(index=i, prompt=p, checkpoints=[]) for i, p in zip(prompt_ids, prompts)]
     for i in tqdm(range(T), desc=f"epoch {epoch} sampling", leave=False, disable=not progress):
         steps = torch.full((len(live),), i, device=device)  # (n_live,) the step index of every live trajectory
-        out = predict(model, sched, steps, x, text, live // G, args, args.sample_batch_size)
+        out = predict(pipe, sched, steps, x, text, live // G, args, args.sample_batch_size)
         stats["nfe"] += len(live)  # one trajectory-step per live trajectory: nothing else calls the model
         if i in keep_at:
             # Pro-GRPO: project to x0 with the output step i needs anyway, decode, score, keep OVF subsets
@@ -569,16 +556,14 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids=No
 @torch.no_grad()
 def sample_deterministic(pipe, text, args, num_steps, seed):
     """Evaluation images: the deterministic sampler (Euler ODE / DDIM eta = 0), one per prompt, fixed noise."""
-    model = denoiser(pipe)
-    device, n = model.device, len(text["embeds"]) - 1
-    sched = sampler_schedule(pipe, num_steps, device)
-    side = args.resolution // pipe.vae_scale_factor
+    device, n = denoiser(pipe).device, len(text["embeds"])
+    sched = sampler_schedule(pipe, num_steps, args.resolution, device)
+    shape = latent_shape(pipe, args.resolution)
     generators = [torch.Generator(device).manual_seed(trajectory_seed(seed, "eval", p, 0)) for p in range(n)]
-    x = torch.stack([torch.randn((model.config.in_channels, side, side), device=device, generator=g)
-                     for g in generators])  # (n, C, h, w)
+    x = torch.stack([torch.randn(shape, device=device, generator=g) for g in generators])  # (n, ...)
     for i in range(num_steps):
         steps = torch.full((n,), i, device=device)
-        out = predict(model, sched, steps, x, text, torch.arange(n, device=device), args, args.sample_batch_size)
+        out = predict(pipe, sched, steps, x, text, torch.arange(n, device=device), args, args.sample_batch_size)
         x = sampler_step(sched, steps, out, x, 0.0)[0]
     return torch.cat([decode(pipe, b) for b in x.split(args.decode_batch_size)])
 
@@ -598,13 +583,13 @@ def train_epoch(pipe, params, optimizer, scaler, samples, adv, text, args, epoch
     per-optimiser-step statistics."""
     model = denoiser(pipe)
     device = model.device
-    sched = sampler_schedule(pipe, args.num_steps, device)
+    sched = sampler_schedule(pipe, args.num_steps, args.resolution, device)
     n_train = int(args.num_steps * args.timestep_fraction)
     train_rows = (adv.cpu() != 0).nonzero().flatten()  # adv 0 (a group of equal rewards) teaches nothing: dropped
     g = torch.Generator().manual_seed(trajectory_seed(args.seed, epoch, "train", 0))
     order = torch.randperm(len(train_rows), generator=g)  # g's first draw; the steps' orders next
     minibatches = train_rows[order].split(args.train_batch_size) if len(train_rows) else ()  # full but the last
-    if family(pipe) == "flow":
+    if "sigma" in sched:  # flow models train their steps in order (Flow-GRPO), DDIM in a random one (DanceGRPO)
         step_order = torch.arange(n_train).repeat(len(adv), 1)  # (N, n_train)
     else:
         step_order = torch.stack([torch.randperm(n_train, generator=g) for _ in range(len(adv))])
@@ -620,18 +605,18 @@ def train_epoch(pipe, params, optimizer, scaler, samples, adv, text, args, epoch
         weight = len(counts) / (sum(counts) * n_train)  # per sample and step; x ranks: average_gradients divides
         for mb in update.tolist():
             b_idx = minibatches[mb]
-            b_x = samples["latents"][b_idx]  # (b, T + 1, C, h, w)
+            b_x = samples["latents"][b_idx]  # (b, T + 1, ...)
             b_logp_old, b_adv = samples["log_probs"][b_idx], adv[b_idx]  # (b, T), (b,)
             b_prompt, rows = samples["prompt_idx"][b_idx], torch.arange(len(b_idx))
             for j in range(n_train):
                 steps = step_order[b_idx, j].to(device)  # (b,) which step each trajectory trains now
-                x, x_next = b_x[rows, steps], b_x[rows, steps + 1]  # (b, C, h, w) each
-                out = predict(model, sched, steps, x, text, b_prompt, args, len(b_idx))
+                x, x_next = b_x[rows, steps], b_x[rows, steps + 1]  # (b, ...) each
+                out = predict(pipe, sched, steps, x, text, b_prompt, args, len(b_idx))
                 out_ref = None
                 if args.beta > 0:  # the reference policy is the base model: the same network, adapter off
                     model.disable_adapters()
                     with torch.no_grad():
-                        out_ref = predict(model, sched, steps, x, text, b_prompt, args, len(b_idx))
+                        out_ref = predict(pipe, sched, steps, x, text, b_prompt, args, len(b_idx))
                     model.enable_adapters()
                 logp_new, kl = step_logprob(sched, steps, out, x, x_next, args.noise_level, out_ref)
                 logp_old = b_logp_old[rows, steps]
@@ -761,8 +746,8 @@ def main(args):
             raise RunError(str(e)) from None
         reward = evaluate(pipe, reward_fn, eval_prompts, args, out_dir / "eval_only.png")
         return progrpo_outputs.write_eval_only(args.eval_only, reward, len(eval_prompts), out_dir)
-    if family(pipe) != "flow" and args.noise_level > 1:  # eta > 1 asks a step for more noise than it holds: NaN
-        raise RunError(f"--noise_level is DDIM's eta for this SD1.x model: at most 1 (got {args.noise_level})")
+    if args.noise_level > 1 and "alpha_prod_t" in sampler_schedule(pipe, args.num_steps, args.resolution, device):
+        raise RunError(f"--noise_level is DDIM's eta for this model: at most 1 (got {args.noise_level})")  # more: NaN
     torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank
     params = trainable_parameters(pipe, args)
     if args.gradient_checkpointing:
@@ -877,51 +862,42 @@ def summary_line(m, args):
 
 
 # ---- ALGO LOGIC: the model family -------------------------------------------------------------------------
-# A port to another pipeline (FLUX, SD2.x, ...) edits this section only: loading, LoRA targets, text encoding,
-# the denoiser call, the sampler's schedule, decoding.
-
-LORA_TARGETS = {  # attention projections: Flow-GRPO's for the SD3 transformer, diffusers' for the UNet
-    "flow": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-             "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"],
-    "ddim": ["to_q", "to_k", "to_v", "to_out.0"],
-}
-
+# A port to another pipeline edits this section only: a row of FAMILIES (keyed by the pipeline's class) and the
+# functions the row names. The sections above call guided_output, latent_shape, sampler_schedule, encode_prompts and
+# decode without knowing which family runs; the sampler's math follows the schedule's kind (sigmas or alphas).
 
 def family(pipe):
-    """'flow' for SD3-family pipelines (velocity, SDE sampler), 'ddim' for SD1.x/2.x (eps or v, DDIM sampler)."""
-    return "flow" if hasattr(pipe, "transformer") else "ddim"
+    """The pipeline's row of FAMILIES (at the end of this section)."""
+    return FAMILIES[type(pipe).__name__]
 
 
 def denoiser_key(pipe):
-    """The pipeline component being fine-tuned, and its folder name when saved: 'transformer' (SD3) or 'unet'."""
-    return "transformer" if family(pipe) == "flow" else "unet"
+    """The pipeline component being fine-tuned, and its folder name when saved: 'transformer' or 'unet'."""
+    return "transformer" if hasattr(pipe, "transformer") else "unet"
 
 
 def denoiser(pipe):
-    """The network being fine-tuned: the SD3 transformer or the SD1 UNet."""
+    """The network being fine-tuned: the pipeline's transformer or UNet."""
     return getattr(pipe, denoiser_key(pipe))
 
 
 def load_pipeline(name_or_path, dtype, full_finetune=False):
-    """A local folder or a hub id -> pipeline with frozen weights.
-    Each component is loaded in its own dtype, never rounded first: the VAE in fp32 (an fp16 SD3 VAE overflows),
-    a fully fine-tuned denoiser in fp32 (the trained master copy), the rest in `dtype`. SD1.x pipelines get
-    DDPO's DDIM scheduler and no safety checker (it would censor the images being scored)."""
-    from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+    """A local folder or a hub id of a pipeline in FAMILIES -> the pipeline, frozen, loaded with its row's arguments
+    and scheduler. Each component is loaded in its own dtype, never rounded first: the VAE in fp32 (an fp16 SD3 VAE
+    overflows), a fully fine-tuned denoiser in fp32 (the trained master copy), the rest in `dtype`."""
+    import diffusers
     trained = torch.float32 if full_finetune else dtype
     dtypes = dict(default=dtype, vae=torch.float32, transformer=trained, unet=trained)
-    index = Path(name_or_path) / "model_index.json"
-    no_checker = {} if index.is_file() and "StableDiffusion3" in index.read_text() else dict(safety_checker=None)
-    try:
-        pipe = DiffusionPipeline.from_pretrained(name_or_path, dtype=dtypes, **no_checker)
+    try:  # model_index.json first: an unsupported class is refused before any weight downloads
+        name = diffusers.DiffusionPipeline.load_config(name_or_path)["_class_name"]
+        if name not in FAMILIES:
+            raise RunError(f"'{name_or_path}' is a {name}; supported: {', '.join(FAMILIES)}")
+        pipe = diffusers.DiffusionPipeline.from_pretrained(name_or_path, dtype=dtypes, **FAMILIES[name]["load"])
     except (OSError, ValueError) as e:
         raise RunError(f"could not load '{name_or_path}': {str(e).splitlines()[0]} "
                        "(gated hub models need `hf auth login` and an accepted licence)") from None
-    if not isinstance(pipe, (StableDiffusion3Pipeline, StableDiffusionPipeline)):
-        raise RunError(f"'{name_or_path}' is a {type(pipe).__name__}; "
-                       "supported: StableDiffusion3Pipeline, StableDiffusionPipeline")
-    if isinstance(pipe, StableDiffusionPipeline):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if family(pipe)["scheduler"]:  # the sampler's scheduler, configured with the pipeline's own schedule
+        pipe.scheduler = getattr(diffusers, family(pipe)["scheduler"]).from_config(pipe.scheduler.config)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
@@ -929,7 +905,7 @@ def load_pipeline(name_or_path, dtype, full_finetune=False):
 
 
 def trainable_parameters(pipe, args):
-    """LoRA (peft) on the attention projections, or the whole denoiser with --full_finetune; fp32 either way.
+    """LoRA (peft) on the row's target modules, or the whole denoiser with --full_finetune; fp32 either way.
     With LoRA the base weights stay frozen in their dtype; the KL's reference is the network, adapter off."""
     from peft import LoraConfig
     model = denoiser(pipe)
@@ -937,7 +913,7 @@ def trainable_parameters(pipe, args):
         model.float().requires_grad_(True)
         return list(model.parameters())
     model.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
-                                 target_modules=LORA_TARGETS[family(pipe)]))
+                                 target_modules=family(pipe)["lora"]))
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # fp32 weights for the optimiser, even with a half-precision base model
@@ -946,66 +922,103 @@ def trainable_parameters(pipe, args):
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts, max_sequence_length):
-    """Embeddings of the B prompts and, in the last row, of the empty negative prompt (CFG), once per epoch:
-    embeds (B + 1, L, D), and for SD3 also pooled (B + 1, P)."""
+    """The B prompts' conditioning, once per epoch: `embeds` (B, L, D) and the family's other per-prompt tensors,
+    B rows each, and for classifier-free guidance `negative`: the empty prompt's, one row each."""
     device = denoiser(pipe).device
     encoders = [m for name, m in pipe.components.items() if name.startswith("text_encoder") and m is not None]
     for encoder in encoders:  # used once per epoch: on the device only while encoding (T5-XXL alone is ~9 GB)
         encoder.to(device)
-    if family(pipe) == "ddim":
-        embeds, negative = pipe.encode_prompt(prompts, device, 1, True, negative_prompt=[""] * len(prompts))
-        text = dict(embeds=torch.cat([embeds, negative[:1]]))
-    else:
-        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(  # SD3: CLIP-L + CLIP-G + T5, pooled CLIP
-            prompt=prompts, prompt_2=prompts, prompt_3=prompts, negative_prompt="", negative_prompt_2="",
-            negative_prompt_3="", do_classifier_free_guidance=True, device=device,
-            max_sequence_length=max_sequence_length)
-        text = dict(embeds=torch.cat([embeds, negative[:1]]), pooled=torch.cat([pooled, negative_pooled[:1]]))
+    text = family(pipe)["encode"](pipe, prompts, max_sequence_length, device)
     for encoder in encoders:
         encoder.to("cpu")
     return text
 
 
-def denoise(model, x, t, text, rows):
-    """One call of the denoiser on latents x (n, C, h, w) at model timesteps t (n,), conditioned on `rows`."""
-    cond = dict(encoder_hidden_states=text["embeds"][rows])  # (n, L, D)
-    if "pooled" in text:  # SD3 also conditions on pooled CLIP embeddings
-        cond["pooled_projections"] = text["pooled"][rows]  # (n, P)
-    return model(x, timestep=t, return_dict=False, **cond)[0]
+def encode_sd1(pipe, prompts, max_sequence_length, device):
+    """SD1.x/2.x: CLIP's last hidden states (B, 77, D), and the empty negative prompt's."""
+    embeds, negative = pipe.encode_prompt(prompts, device, 1, True)  # negative: "" for every prompt
+    return dict(embeds=embeds, negative=dict(embeds=negative[:1]))
 
 
-def sampler_schedule(pipe, num_steps, device):
-    """The per-step schedule of the pipeline's sampler, (T,) tensors (see sampler_step). Flow: diffusers' sigmas
-    (1 -> 0; SD3.5: shift 3), model timestep 1000 sigma. DDIM: diffusers' timesteps (981, ..., 1 for T = 50),
-    alphas_cumprod at t and at prev_t = t - 1000 / T clamped at 0 (DDPO); `v_prediction` for SD2.x models."""
-    scheduler = pipe.scheduler
-    scheduler.set_timesteps(num_steps, device=device)
+def encode_sd3(pipe, prompts, max_sequence_length, device):
+    """SD3: CLIP-L, CLIP-G and T5 tokens (B, 77 + L, D) and pooled CLIP (B, P), and the empty negative prompt's."""
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(  # every encoder reads the prompt; negative ""
+        prompts, None, None, device=device, max_sequence_length=max_sequence_length)
+    return dict(embeds=embeds, pooled=pooled, negative=dict(embeds=negative[:1], pooled=negative_pooled[:1]))
+
+
+def guided_output(pipe, x, t, text, rows, scale):
+    """The denoiser's output, fp32, for latents x (n, ...) at model timesteps t (n,) and prompts `rows` (n,) of
+    `text`, in the sampler's terms (v or eps), guided the family's way (its row's `output`: CFG or distilled)."""
+    return family(pipe)["output"](pipe, x, t, text, rows, scale)
+
+
+def sd_cfg(pipe, x, t, text, rows, scale):
+    """SD3's transformer or an SD1.x/2.x UNet under classifier-free guidance o = o_u + g (o_t - o_u), o_u on the empty
+    prompt, both halves in one call; at g = 1 only o_t, the formula's value, is computed: CFG-free costs half. SD2.x's
+    v-prediction (v = sqrt(a) eps - sqrt(1 - a) x0) returns as the sampler's eps = sqrt(a) v + sqrt(1 - a) x."""
+    cond, x_in, t_in = {k: v[rows] for k, v in text.items() if k != "negative"}, x, t  # the trajectories' prompts
+    if scale != 1:  # the unconditional half first
+        negative = {k: v.expand(len(x), *v.shape[1:]) for k, v in text["negative"].items()}
+        cond = {k: torch.cat([negative[k], v]) for k, v in cond.items()}
+        x_in, t_in = torch.cat([x, x]), torch.cat([t, t])
+    pooled = {"pooled_projections": cond["pooled"]} if "pooled" in cond else {}  # SD3's pooled CLIP
+    o = denoiser(pipe)(x_in, timestep=t_in, encoder_hidden_states=cond["embeds"], return_dict=False, **pooled)[0]
+    o = o.float()  # everything after the forward is fp32
+    if scale != 1:
+        o_uncond, o_text = o.chunk(2)
+        o = o_uncond + scale * (o_text - o_uncond)
+    if pipe.scheduler.config.get("prediction_type") == "v_prediction":
+        a_t = _per_sample(pipe.scheduler.alphas_cumprod.to(x.device)[t], x)
+        o = a_t.sqrt() * o + (1 - a_t).sqrt() * x.float()
+    return o
+
+
+def latent_shape(pipe, resolution):
+    """One trajectory's latent for a resolution x resolution image: (C, h, w), the side over the VAE's downsampling;
+    a family that packs p x p latent patches into tokens (the row's `patch`) gets (h w, C), sides in patches."""
+    patch, channels = family(pipe)["patch"], denoiser(pipe).config.in_channels
+    side = resolution // (pipe.vae_scale_factor * patch)
+    return (channels, side, side) if patch == 1 else (side * side, channels)
+
+
+def sampler_schedule(pipe, num_steps, resolution, device):
+    """The sampler's (T,) tensors (see sampler_step), of its scheduler's kind, on the family's `steps` or else the
+    scheduler's own. Flow: diffusers' sigmas (1 -> 0; SD3.5: shift 3), model timestep 1000 sigma. DDIM: diffusers'
+    timesteps (981, ..., 1 for T = 50), alphas_cumprod at t and at t - 1000 / T clamped at 0 (DDPO)."""
+    scheduler, steps = pipe.scheduler, family(pipe)["steps"]
+    kwargs = steps(pipe, num_steps, resolution) if steps else dict(num_inference_steps=num_steps)
+    scheduler.set_timesteps(device=device, **kwargs)
     timesteps = scheduler.timesteps.to(device)
-    if family(pipe) == "flow":
+    if not hasattr(scheduler, "alphas_cumprod"):  # flow matching
         sigmas = scheduler.sigmas.to(device, torch.float32)  # (T + 1,), ends at 0
         return dict(timesteps=timesteps, sigma=sigmas[:-1], sigma_next=sigmas[1:])
     prev = (timesteps - scheduler.config.num_train_timesteps // num_steps).clamp(min=0)
     alphas = scheduler.alphas_cumprod.to(device, torch.float32)
-    return dict(timesteps=timesteps, alpha_prod_t=alphas[timesteps], alpha_prod_t_prev=alphas[prev],
-                v_prediction=scheduler.config.prediction_type == "v_prediction")
-
-
-def as_sampler_output(sched, i, x, out):
-    """The model output in the sampler's terms: v-prediction (x_t = sqrt(a) x0 + sqrt(1 - a) eps,
-    v = sqrt(a) eps - sqrt(1 - a) x0) becomes eps = sqrt(a) v + sqrt(1 - a) x_t; the rest is unchanged."""
-    if not sched.get("v_prediction"):
-        return out
-    a_t = _per_sample(sched["alpha_prod_t"][i], x)
-    return a_t.sqrt() * out + (1 - a_t).sqrt() * x.float()
+    return dict(timesteps=timesteps, alpha_prod_t=alphas[timesteps], alpha_prod_t_prev=alphas[prev])
 
 
 @torch.no_grad()
 def decode(pipe, x):
     """Latents -> images in [0, 1], (N, 3, H, W) fp32, through the fp32 VAE."""
-    vae = pipe.vae
+    vae, p = pipe.vae, family(pipe)["patch"]
+    if p > 1:  # tokens of p x p patches (N, h w, C p^2) -> (N, C, h p, w p), unpacked as FluxPipeline unpacks them
+        n, side = len(x), math.isqrt(x.shape[1])
+        x = x.view(n, side, side, -1, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, -1, side * p, side * p)
     latents = x / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
     images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+FAMILIES = {  # pipeline class -> guided denoiser output, text encoding, steps, latent patch, LoRA, loading
+    "StableDiffusion3Pipeline": dict(  # LoRA on Flow-GRPO's targets
+        output=sd_cfg, encode=encode_sd3, steps=None, patch=1,
+        lora=["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+              "attn.add_v_proj", "attn.to_add_out"], load={}, scheduler=None),
+    "StableDiffusionPipeline": dict(  # SD1.x/2.x; DDPO's DDIM; no safety checker (it would censor what is scored)
+        output=sd_cfg, encode=encode_sd1, steps=None, patch=1,
+        lora=["to_q", "to_k", "to_v", "to_out.0"], load=dict(safety_checker=None), scheduler="DDIMScheduler"),
+}
 
 
 # ---- ALGO LOGIC: rewards. One interface: images (N, 3, H, W) in [0, 1] and N prompts -> (N,) fp32 rewards.

@@ -19,6 +19,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ def test_sde_step_matches_flow_grpo_reference(reference):
 
 def test_flow_schedule_matches_reference_sigmas(reference):
     """Our SD3.5 schedule (diffusers, shift 3, T=10) gives the sigmas and timesteps the reference used."""
-    sched = progrpo.sampler_schedule(tiny_models.build_tiny_pipeline("flow"), 10, "cpu")
+    sched = progrpo.sampler_schedule(tiny_models.build_tiny_pipeline("flow"), 10, 16, "cpu")
     assert rel_close(torch.cat([sched["sigma"], sched["sigma_next"][-1:]]), reference["flow_sigmas"])
     assert rel_close(sched["timesteps"], reference["flow_timesteps"])
 
@@ -109,7 +110,7 @@ def test_projection_is_posterior_mean_for_gaussian_data():
 
 def test_sde_sampler_recovers_gaussian_data():
     """Driven by the exact velocity, the Flow-GRPO SDE sampler ends at mean M and std S (200 steps, 40k samples)."""
-    sched = progrpo.sampler_schedule(tiny_models.build_tiny_pipeline("flow"), 200, "cpu")
+    sched = progrpo.sampler_schedule(tiny_models.build_tiny_pipeline("flow"), 200, 16, "cpu")
     sigmas = torch.cat([sched["sigma"], sched["sigma_next"][-1:]])
     g = torch.Generator().manual_seed(0)
     n = 40_000
@@ -137,7 +138,7 @@ def test_ddim_step_matches_ddpo_reference(reference):
 
 def test_ddim_schedule_matches_reference(reference):
     """SD-v1.4's DDIM schedule at T=50: timesteps 981..1 and the alphas (prev_t clamped at 0) of each case."""
-    sched = progrpo.sampler_schedule(tiny_models.build_tiny_pipeline("ddim"), 50, "cpu")
+    sched = progrpo.sampler_schedule(tiny_models.build_tiny_pipeline("ddim"), 50, 16, "cpu")
     assert torch.equal(sched["timesteps"], reference["ddim_timesteps"])
     for case in reference["ddim"]:
         i = case["step_index"]
@@ -147,7 +148,7 @@ def test_ddim_schedule_matches_reference(reference):
 def test_ddim_eta_zero_is_diffusers_deterministic_ddim():
     """eta = 0 gives no log-prob and, over all 50 steps, the same samples as diffusers' DDIMScheduler.step."""
     pipe = tiny_models.build_tiny_pipeline("ddim")
-    sched = progrpo.sampler_schedule(pipe, 50, "cpu")
+    sched = progrpo.sampler_schedule(pipe, 50, 16, "cpu")
     g = torch.Generator().manual_seed(0)
     x = ours = torch.randn(2, 4, 3, 3, generator=g)
     for i, t in enumerate(sched["timesteps"]):
@@ -159,19 +160,22 @@ def test_ddim_eta_zero_is_diffusers_deterministic_ddim():
 
 def test_v_prediction_matches_diffusers_ddim():
     """SD2.x-style v-prediction: the step (eta 0, 50 steps) and the projection equal diffusers' DDIMScheduler with
-    prediction_type="v_prediction" (the model output is turned into eps once, in as_sampler_output)."""
+    prediction_type="v_prediction" (the family's output, sd_cfg, turns the UNet's v into eps once)."""
     from diffusers import DDIMScheduler
 
     pipe = tiny_models.build_tiny_pipeline("ddim")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
-    sched = progrpo.sampler_schedule(pipe, 50, "cpu")
-    assert sched["v_prediction"]
+    sched = progrpo.sampler_schedule(pipe, 50, 16, "cpu")
     g = torch.Generator().manual_seed(0)
     x = ours = torch.randn(2, 4, 3, 3, generator=g)
+    drawn = SimpleNamespace()  # the v drawn for this step: what the stand-in UNet predicts, whatever its input
+    stand_in = SimpleNamespace(unet=lambda x, timestep, encoder_hidden_states, return_dict: (drawn.v,),
+                               scheduler=pipe.scheduler)
     for i, t in enumerate(sched["timesteps"]):
-        v = torch.randn(2, 4, 3, 3, generator=g)
+        drawn.v = v = torch.randn(2, 4, 3, 3, generator=g)
         steps = torch.full((2,), i)
-        eps = progrpo.as_sampler_output(sched, steps, ours, v)
+        no_text = dict(embeds=torch.zeros(2, 1, 1))
+        eps = progrpo.sd_cfg(stand_in, ours, sched["timesteps"][steps], no_text, torch.arange(2), 1.0)
         x0_hat = progrpo.project_x0(sched, steps, ours, eps)
         ours = progrpo.sampler_step(sched, steps, eps, ours, 0.0)[0]
         result = pipe.scheduler.step(v, t, x, eta=0.0)
@@ -190,7 +194,7 @@ def test_ddim_projection_inverts_forward_noising():
 def test_ddim_sampler_recovers_gaussian_data():
     """Driven by the exact eps for Gaussian data, DDIM (eta 1, 500 steps) ends at the law of x at t = 0."""
     pipe = tiny_models.build_tiny_pipeline("ddim")
-    sched = progrpo.sampler_schedule(pipe, 500, "cpu")
+    sched = progrpo.sampler_schedule(pipe, 500, 16, "cpu")
     g, n = torch.Generator().manual_seed(0), 40_000
     x = torch.randn(n, 1, 1, 1, generator=g)
     for i in range(500):
@@ -403,18 +407,21 @@ def test_guidance_one_skips_the_unconditional_half(tiny):
     """At --guidance_scale 1 the denoiser sees only the trajectories' text rows (half the CFG batch), and the output
     equals the guided formula o_u + 1 (o_t - o_u) computed from the old call on both halves."""
     pipe, _, _, text = tiny
-    sched = progrpo.sampler_schedule(pipe, 6, torch.device("cpu"))
+    sched = progrpo.sampler_schedule(pipe, 6, 16, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     x, steps, rows = torch.randn(5, 4, 8, 8, generator=g), torch.arange(5), torch.tensor([0, 1, 0, 1, 1])
     seen = []
     hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0].shape[0]), with_kwargs=True)
     with torch.no_grad():
         args = tiny_args(guidance_scale=1.0, mixed_precision="no")
-        out = progrpo.predict(pipe.transformer, sched, steps, x, text, rows, args, 3)
+        out = progrpo.predict(pipe, sched, steps, x, text, rows, args, 3)
         hook.remove()
-        t, negative = sched["timesteps"][steps], torch.full_like(rows, len(text["embeds"]) - 1)
-        o_uncond, o_text = progrpo.denoise(pipe.transformer, torch.cat([x, x]), torch.cat([t, t]), text,
-                                           torch.cat([negative, rows])).float().chunk(2)
+        t = sched["timesteps"][steps]
+        both = {k: torch.cat([text["negative"][k].expand(5, *v.shape[1:]), v[rows]]) for k, v in text.items()
+                if k != "negative"}  # the empty prompt's rows, then the trajectories' prompts
+        o_uncond, o_text = pipe.transformer(torch.cat([x, x]), timestep=torch.cat([t, t]), return_dict=False,
+                                            encoder_hidden_states=both["embeds"],
+                                            pooled_projections=both["pooled"])[0].float().chunk(2)
     assert seen == [3, 2]  # micro-batches of 3 and 2 trajectories, one row each (guided: 6 and 4)
     assert (o_text - o_uncond).abs().max() > 1e-2  # the two halves differ: dropping the wrong one would show
     torch.testing.assert_close(out, o_uncond + 1.0 * (o_text - o_uncond), rtol=0, atol=1e-5)
@@ -573,19 +580,14 @@ def lora_gradients(pipe, params, text, precision, x, x_next, logp_old, step, los
     """The LoRA gradient of the PPO loss at one stored step, through progrpo's predict / step_logprob / ppo_clip_loss
     and a GradScaler as train_epoch uses them; loss_factor scales the loss as a bigger latent and divisor would."""
     args = tiny_args(mixed_precision="no" if pure_fp16 else precision, guidance_scale=4.5)
-    sched = progrpo.sampler_schedule(pipe, 10, torch.device("cpu"))
+    sched = progrpo.sampler_schedule(pipe, 10, 16, torch.device("cpu"))
     steps, rows = torch.full((len(x),), step), torch.arange(len(x)) % 2
     scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16" and not pure_fp16)
     optimizer = torch.optim.SGD(params, lr=0.0)
     if pure_fp16:  # the old path: fp16 weights (LoRA too), an fp16 forward, no autocast and no loss scaling
-        model = pipe.transformer
-        negative = torch.full_like(rows, len(text["embeds"]) - 1)
-        cond = torch.cat([negative, rows])
-        t = sched["timesteps"][steps]
-        o = progrpo.denoise(model, torch.cat([x, x]).half(), torch.cat([t, t]), text, cond).float()
-        out = o[len(x):] * 4.5 - o[:len(x)] * 3.5
+        out = progrpo.sd_cfg(pipe, x.half(), sched["timesteps"][steps], text, rows, 4.5)
     else:
-        out = progrpo.predict(pipe.transformer, sched, steps, x, text, rows, args, len(x))
+        out = progrpo.predict(pipe, sched, steps, x, text, rows, args, len(x))
     logp_new, _ = progrpo.step_logprob(sched, steps, out, x, x_next, 0.7)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     loss, _ = progrpo.ppo_clip_loss(logp_new, logp_old, adv, 1e-4)
@@ -619,14 +621,14 @@ def test_half_precision_gradient_points_where_fp32_does(tiny_dir, precision):
                 p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))  # B != 0
         pipes[name] = (pipe, params, progrpo.encode_prompts(pipe, ["a red cat", "a blue dog"], 16))
     pipe32, params32, text32 = pipes["fp32"]
-    sched = progrpo.sampler_schedule(pipe32, 10, torch.device("cpu"))
+    sched = progrpo.sampler_schedule(pipe32, 10, 16, torch.device("cpu"))
     args32 = tiny_args(mixed_precision="no")
     cosines = []
     for step in (0, 4, 8):
         x = torch.randn(4, 4, 8, 8, generator=g)
         steps, rows = torch.full((4,), step), torch.arange(4) % 2
         with torch.no_grad():
-            out = progrpo.predict(pipe32.transformer, sched, steps, x, text32, rows, args32, 4)
+            out = progrpo.predict(pipe32, sched, steps, x, text32, rows, args32, 4)
         x_next, logp_old, _, _ = progrpo.sde_step_with_logprob(out, x, sched["sigma"][steps], sched["sigma_next"][steps],
                                                                0.7, noise=torch.randn(x.shape, generator=g))
         reference = lora_gradients(pipe32, params32, text32, "no", x, x_next, logp_old, step, SD35_FACTOR)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from progrpo import Args, RunError, decode, denoiser, live_counts, parse_prune_schedule, predict, trainable_parameters
+from progrpo import (Args, RunError, decode, denoiser, latent_shape, live_counts, parse_prune_schedule, predict,
+                     trainable_parameters)
 from repro.scorers import clip_cosine, clip_preprocess
 
 FLOPS_PRESETS = {  # run.sh's presets: model family and the flags that change the counts (sd14: B = 4, one GPU)
@@ -54,14 +55,14 @@ def call_flops(pipe, reward_fn, text, prompt, args):
     in row 0. Real or meta-device models (meta_pipeline): only shapes matter, so any timestep will do.
     """
     model = denoiser(pipe)
-    device, side = model.device, args.resolution // pipe.vae_scale_factor
-    x = torch.randn(1, model.config.in_channels, side, side, device=device)
+    device = model.device
+    x = torch.randn(1, *latent_shape(pipe, args.resolution), device=device)
     sched = dict(timesteps=torch.full((1,), 500.0, device=device))  # FLOPs do not depend on the timestep
     step, row = torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device)
     args = dataclasses.replace(args, mixed_precision="no")  # nor on the dtype (and meta tensors take no autocast)
 
     def guided():
-        return predict(model, sched, step, x, text, row, args, 1)
+        return predict(pipe, sched, step, x, text, row, args, 1)
 
     flops = {}
     with torch.no_grad():
@@ -144,7 +145,7 @@ def meta_pipeline(config_dir, kind, args):
             # SD3 joins 77 CLIP tokens (L and G side by side, zero-padded to 4096) with the T5 tokens
             embeds = torch.zeros(1, 77 + args.max_sequence_length, pipe.transformer.config.joint_attention_dim)
             pooled = torch.zeros(1, pipe.transformer.config.pooled_projection_dim)  # CLIP-L + CLIP-G pooled
-            text = dict(embeds=torch.cat([embeds, embeds]), pooled=torch.cat([pooled, pooled]))  # prompt, negative
+            text = dict(embeds=embeds, pooled=pooled, negative=dict(embeds=embeds, pooled=pooled))  # prompt, negative
         else:
             pipe = StableDiffusionPipeline(
                 unet=UNet2DConditionModel.from_config(read("sd14_unet.json")),
@@ -154,7 +155,7 @@ def meta_pipeline(config_dir, kind, args):
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
             encoders = [(pipe.text_encoder, 77)]
             embeds = torch.zeros(1, 77, pipe.unet.config.cross_attention_dim)
-            text = dict(embeds=torch.cat([embeds, embeds]))  # the prompt's row, the negative's
+            text = dict(embeds=embeds, negative=dict(embeds=embeds))  # the prompt's row, the negative's
         text_flops = sum(count_flops(encoder, torch.zeros(1, n, dtype=torch.long))[1] for encoder, n in encoders)
     return pipe, clip, text, text_flops
 

@@ -47,8 +47,8 @@ from pathlib import Path
 
 import torch
 
-from progrpo import (DTYPES, Args, RunError, denoiser, group_advantages, live_counts, predict, refuse, rollout,
-                     sampler_schedule, score, train_epoch, trainable_parameters, validate)
+from progrpo import (DTYPES, Args, RunError, denoiser, group_advantages, latent_shape, live_counts, predict, refuse,
+                     rollout, sampler_schedule, score, train_epoch, trainable_parameters, validate)
 from repro.flops import FLOPS_PRESETS, clip_reward, epoch_flops
 
 # run.sh is the source of these flags (its SD35 and SD14 arrays): what FLOPS_PRESETS, which holds each preset's
@@ -163,19 +163,21 @@ def build_pipeline(config_dir, kind, args, device, tiny):
 
 
 def stand_in_text(pipe, n_prompts, args, generator):
-    """Random embeddings of the shapes progrpo.encode_prompts returns: the prompts' rows, then the negative's.
+    """Random conditioning of the shapes progrpo.encode_prompts returns: the prompts' rows and the negative's.
 
-    SD3: embeds (B + 1, 77 + max_sequence_length, joint_attention_dim), pooled (B + 1, pooled_projection_dim);
-    SD1: embeds (B + 1, 77, cross_attention_dim). In the frozen encoders' dtype, as theirs would be.
+    SD3: embeds (B, 77 + max_sequence_length, joint_attention_dim), pooled (B, pooled_projection_dim); SD1: embeds
+    (B, 77, cross_attention_dim); `negative` one row of each. In the frozen encoders' dtype, as theirs would be.
     """
     model = denoiser(pipe)
     kw = dict(generator=generator, device=model.device)
     dtype = DTYPES[args.mixed_precision]
     if hasattr(pipe, "transformer"):
         length, width = 77 + args.max_sequence_length, model.config.joint_attention_dim
-        return dict(embeds=torch.randn(n_prompts + 1, length, width, **kw).to(dtype),
+        rows = dict(embeds=torch.randn(n_prompts + 1, length, width, **kw).to(dtype),
                     pooled=torch.randn(n_prompts + 1, model.config.pooled_projection_dim, **kw).to(dtype))
-    return dict(embeds=torch.randn(n_prompts + 1, 77, model.config.cross_attention_dim, **kw).to(dtype))
+    else:
+        rows = dict(embeds=torch.randn(n_prompts + 1, 77, model.config.cross_attention_dim, **kw).to(dtype))
+    return dict({k: v[:-1] for k, v in rows.items()}, negative={k: v[-1:] for k, v in rows.items()})
 
 
 def stand_in_reward(config_dir, device, tiny):
@@ -235,18 +237,16 @@ def short_epoch(name, opts, device, tiny):
     text = stand_in_text(pipe, n_prompts, args, torch.Generator(device).manual_seed(args.seed))
     torch.manual_seed(args.seed)  # as progrpo.main: the LoRA initialisation
     params = trainable_parameters(pipe, args)
-    model = denoiser(pipe)
-    side = args.resolution // pipe.vae_scale_factor
-    latent = (model.config.in_channels, side, side)
+    latent = latent_shape(pipe, args.resolution)  # one trajectory's
 
     # warm-up outside the timings: CUDA kernels load and cuDNN picks its algorithms on first use
     x = torch.randn(args.sample_batch_size, *latent, device=device)
     steps = torch.zeros(args.sample_batch_size, dtype=torch.long, device=device)
     rows = torch.zeros(args.sample_batch_size, dtype=torch.long, device=device)
-    sched = sampler_schedule(pipe, args.num_steps, device)
+    sched = sampler_schedule(pipe, args.num_steps, args.resolution, device)
     to_score = x[:args.reward_batch_size]  # latents: score() decodes them
     with torch.no_grad():
-        predict(model, sched, steps, x, text, rows, args, args.sample_batch_size)
+        predict(pipe, sched, steps, x, text, rows, args, args.sample_batch_size)
         score(pipe, to_score, prompts[:1] * len(to_score), reward_fn, args, dict(decodes=0))
 
     reset_peak(device)
@@ -278,7 +278,7 @@ def short_epoch(name, opts, device, tiny):
     # seconds per call at the preset's full micro-batches (a full epoch's B prompts fill every batch), the median
     # of three calls so that one slow call on a shared machine does not set the projection
     with torch.no_grad():
-        s_eval = median_seconds(lambda: predict(model, sched, steps, x, text, rows, args, len(x)), device) / len(x)
+        s_eval = median_seconds(lambda: predict(pipe, sched, steps, x, text, rows, args, len(x)), device) / len(x)
         s_image = median_seconds(lambda: score(pipe, to_score, prompts[:1] * len(to_score), reward_fn, args,
                                                dict(decodes=0)), device) / len(to_score)
     n_train = int(args.num_steps * args.timestep_fraction)

@@ -218,17 +218,18 @@ def measure_prompt(pipe, prompt, p, reward_fn, args, steps, continuations):
     pool = dataclasses.replace(args, group_size=max(G, CLUSTER_POOL), prune="none", ovf_after_sampling=0,
                                uniform_after_sampling=0)
     samples, _, _ = progrpo.rollout(pipe, text, [prompt], reward_fn, pool, 0, [], prompt_ids=[p])
-    sched = progrpo.sampler_schedule(pipe, T, device)
+    sched = progrpo.sampler_schedule(pipe, T, args.resolution, device)
     stats = dict(nfe=0, decodes=0)
     rows = len(steps) * G  # one row per (measured step, member), step-major
-    x = samples["latents"][:G, steps].transpose(0, 1).reshape(rows, *samples["latents"].shape[2:])  # (rows, C, h, w)
+    x = samples["latents"][:G, steps].transpose(0, 1).reshape(rows, *samples["latents"].shape[2:])  # (rows, ...)
     i = torch.tensor(steps, device=device).repeat_interleave(G)  # (rows,) the step each row stands at
     text_row = torch.zeros(rows * continuations, dtype=torch.long, device=device)  # all rows: the prompt, row 0
-    out = progrpo.predict(model, sched, i, x, text, text_row[:rows], args, args.sample_batch_size)
+    out = progrpo.predict(pipe, sched, i, x, text, text_row[:rows], args, args.sample_batch_size)
     x0_hat = progrpo.project_x0(sched, i, x, out)  # the proxy training would compute at a checkpoint here
     proxy = progrpo.score(pipe, x0_hat, [prompt] * rows, reward_fn, args, stats)[0].view(len(steps), G)
     n_extra = continuations - 1
-    x, i, out = x.repeat(n_extra, 1, 1, 1), i.repeat(n_extra), out.repeat(n_extra, 1, 1, 1)  # continuation-major
+    ones = [1] * (x.ndim - 1)  # latents of any rank (FLUX packs them into tokens)
+    x, i, out = x.repeat(n_extra, *ones), i.repeat(n_extra), out.repeat(n_extra, *ones)  # continuation-major
     names = [f"{m}/{t}/{c}" for c in range(1, continuations) for t in steps for m in range(G)]
     generators = [torch.Generator(device).manual_seed(progrpo.trajectory_seed(args.seed, "premise", p, name))
                   for name in names]
@@ -239,7 +240,7 @@ def measure_prompt(pipe, prompt, p, reward_fn, args, steps, continuations):
         i[active] += 1
         active = active[i[active] < T]
         if len(active):
-            out = progrpo.predict(model, sched, i[active], x[active], text, text_row[active], args,
+            out = progrpo.predict(pipe, sched, i[active], x[active], text, text_row[active], args,
                                   args.sample_batch_size)
     cont = progrpo.score(pipe, x, [prompt] * len(x), reward_fn, args, stats)[0].view(n_extra, len(steps), G)
     return samples["rewards"].cpu(), proxy.cpu(), cont.transpose(0, 1).cpu()
@@ -516,7 +517,7 @@ def main(argv=None):
     g = torch.Generator().manual_seed(progrpo.trajectory_seed(args.seed, 0, "prompts", 0))
     pick = torch.randperm(len(train_prompts), generator=g)
     prompts = [train_prompts[pick[p % len(pick)]] for p in range(own["num_prompts"])]
-    sched = progrpo.sampler_schedule(pipe, args.num_steps, device)
+    sched = progrpo.sampler_schedule(pipe, args.num_steps, args.resolution, device)
     noise_left = (sched["sigma"] if "sigma" in sched else (1 - sched["alpha_prod_t"]).sqrt()).tolist()
     pool = max(G, CLUSTER_POOL)
     extra = (own["continuations"] - 1) * G * sum(args.num_steps - t for t in steps)
