@@ -30,12 +30,10 @@ Diffusion models (x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, a_t = alphas_cumprod[t
 Both: log-prob = log N(x_next; mean, step std^2) averaged over C*H*W; OVF S* = argmax_{|S| = K} Var(R_S), whose
 optimum is the j lowest and K - j highest; loss = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))) + beta KL.
 
-Precision (--mixed_precision), as Flow-GRPO runs it through accelerate: frozen weights in the half dtype, trainable
-weights and optimiser state fp32, the denoiser's forward under torch.autocast, fp16 with a dynamic loss scaler
-(without it the update's gradient underflows to exactly 0 at SD3.5-M's latent size), the sampler's step math,
-log-probs, advantages and the VAE in fp32. CPU autocast runs the same path, so the tests see it. In every precision
-an optimiser step whose gradient holds an inf or NaN is skipped (fp16's scaler also halves its scale), and an epoch
-whose every step failed so stops the run before it saves (see main).
+Precision (--mixed_precision; README: Precision), as Flow-GRPO runs it through accelerate: frozen weights in the half
+dtype, the denoiser's forward under torch.autocast (CPU's too: the tests see it), fp16 with a dynamic loss scaler;
+trainable weights, optimiser state, step math, log-probs, advantages and the VAE in fp32. A step whose gradient holds
+an inf or NaN is skipped; an epoch whose every step failed so stops the run before it saves (see main).
 
 Departures from Flow-GRPO: (1) groups are expanded and pruned in the sampling loop (`--prune none`: plain GRPO);
 (2) each trajectory has its own generator seeded by (seed, epoch, prompt, member), so a survivor is the
@@ -45,12 +43,9 @@ are drawn by one seeded permutation; (5) diffusion models follow DanceGRPO: DDPO
 at alphas_cumprod[0]), the trained steps in a random order per trajectory, `--full_finetune` with no KL term,
 `--shared_noise` (a group starts from one latent; DanceGRPO's SD script shares one across all of a rank's groups);
 (6) every trained sample weighs the same: the loss is a per-sample sum over the optimiser step's samples (Flow-GRPO
-re-admits random zero-advantage samples until the kept ones fill its fixed number of equal micro-batches); (7) the
-unconditional half of the guided output keeps its gradient in the update (Flow-GRPO's July 2025 snapshot detaches
-it; its earlier and later versions and DanceGRPO do not); at --guidance_scale 1 it is not computed at all; (8) the
-EMA steps once per optimiser step n = epoch x updates_per_epoch + u, every 8th, with decay d = min(0.9, (1 + n) /
-(10 + n)); Flow-GRPO steps it after every micro-batch with its optimiser-step count, so at each 8th count it applies
-m times (m micro-batches per optimiser step on a rank), an effective decay d^m, one optimiser step earlier.
+re-admits zero-advantage samples to fill equal micro-batches); (7) CFG's unconditional half keeps its gradient in
+the update (Flow-GRPO's July 2025 snapshot detaches it) and is not computed at --guidance_scale 1; (8) the EMA steps
+once per optimiser step, Flow-GRPO's after every micro-batch (README's defaults table: the effective decay).
 
 Glossary: B prompts, G group size (G_max expanded), K survivors, T steps, x latents, sigma / sigma_next, dt,
 a_t alphas_cumprod, `out` the guided model output in the sampler's terms (v or eps), `sched` the sampler's
@@ -98,40 +93,40 @@ except ModuleNotFoundError as missing:
 
 # ---- Config. Defaults are `bash run.sh sd35` (a test keeps them equal): the paper's SD3.5-M Pro-GRPO setting.
 
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
+def arg(default, help, low=-math.inf, high=2**31 - 1):  # an int flag is refused outside [low, high] (see validate)
+    return field(default=default, metadata={"help": help, "low": low, "high": high})
 
 
 @dataclass
 class Args:
     # TRY NOT TO MODIFY: run plumbing
     pretrained_model_name_or_path: str = arg("stabilityai/stable-diffusion-3.5-medium",
-                                             "hub id or local folder of an SD3 or SD1.x/2.x diffusers pipeline")
+                                             "hub id or local folder of a diffusers pipeline of a family in FAMILIES")
     output_dir: str = arg("outputs/progrpo", "where metrics.jsonl, prune_audit.jsonl, sample grids and weights go")
-    seed: int = arg(0, "seeds prompt order and every trajectory's noise")
+    seed: int = arg(0, "seeds prompt order and every trajectory's noise", high=math.inf)
     mixed_precision: str = arg("fp16", "no | fp16 | bf16: autocast and frozen-weight dtype (fp16 adds a loss scaler)")
     prompts: str = arg("dataset/pickscore/train.txt", "training prompts, one per line")
     eval_prompts: str = arg("dataset/pickscore/test.txt", "held-out prompts, one per line")
-    num_eval_prompts: int = arg(16, "evaluate on the first N held-out prompts")
-    num_epochs: int = arg(300, "epochs; each samples B prompts, prunes, and updates")
-    eval_every: int = arg(10, "evaluate (ODE sampling, held-out prompts, sample grid) every N epochs; 0 = never")
-    checkpointing_steps: int = arg(50, "write a resumable checkpoint every N epochs (weights are saved at the end)")
+    num_eval_prompts: int = arg(16, "evaluate on the first N held-out prompts", low=1)
+    num_epochs: int = arg(300, "epochs; each samples B prompts, prunes, and updates", low=1)
+    eval_every: int = arg(10, "evaluate (ODE sampling, held-out prompts, sample grid) every N epochs; 0 = never", low=0)
+    checkpointing_steps: int = arg(50, "resumable checkpoint every N epochs (weights are saved at the end)", low=1)
     resume_from_checkpoint: str = arg("", "'latest' (newest complete checkpoint in --output_dir) or a folder")
-    checkpoints_total_limit: int = arg(0, "keep at most N checkpoints, removing the oldest (0 = keep all)")
+    checkpoints_total_limit: int = arg(0, "keep at most N checkpoints, removing the oldest (0 = keep all)", low=0)
     report_to: str = arg("none", "none | tensorboard | wandb: live metrics, eval grids, advantage histograms")
     eval_only: str = arg("", "evaluate the weights in this output or checkpoint folder; train nothing")
     # ALGO LOGIC: sampling
-    resolution: int = arg(512, "image side in pixels")
-    num_steps: int = arg(10, "T: SDE denoising steps per trajectory during training")
-    eval_steps: int = arg(40, "ODE steps for evaluation")
-    noise_level: float = arg(0.7, "flow: SDE noise level a (Flow-GRPO 0.7); SD1.x: DDIM eta (DanceGRPO 1.0)")
-    guidance_scale: float = arg(4.5, "classifier-free guidance, used in sampling and in the update")
-    max_sequence_length: int = arg(128, "T5 prompt tokens (SD3)")
-    prompts_per_epoch: int = arg(48, "B: prompts per epoch (Flow-GRPO: 48)")
-    sample_batch_size: int = arg(8, "trajectories per model call while sampling (a CFG pair counts once)")
+    resolution: int = arg(512, "image side in pixels", low=16, high=4096)
+    num_steps: int = arg(10, "T: SDE denoising steps per trajectory during training", low=1, high=1000)
+    eval_steps: int = arg(40, "ODE steps for evaluation", low=1, high=1000)
+    noise_level: float = arg(0.7, "flow models: SDE noise level a (Flow-GRPO 0.7); DDIM: eta (DanceGRPO 1.0)")
+    guidance_scale: float = arg(4.5, "the family's guidance (CFG, distilled), used in sampling and in the update")
+    max_sequence_length: int = arg(128, "T5 prompt tokens (families with a T5 encoder)", low=1, high=512)
+    prompts_per_epoch: int = arg(48, "B: prompts per epoch (Flow-GRPO: 48)", low=1)
+    sample_batch_size: int = arg(8, "trajectories per model call while sampling (a CFG pair counts once)", low=1)
     shared_noise: bool = arg(False, "DanceGRPO: a group's trajectories start from one latent (their SDE noise differs)")
-    decode_batch_size: int = arg(16, "latents per VAE decode")
-    reward_batch_size: int = arg(16, "images per reward-model call")
+    decode_batch_size: int = arg(16, "latents per VAE decode", low=1)
+    reward_batch_size: int = arg(16, "images per reward-model call", low=1)
     # ALGO LOGIC: expand and prune
     group_size: int = arg(48, "G_max: trajectories started per prompt")
     prune: str = arg("5:24,7:12", "checkpoints 'step:survivors,...' (prune after `step` steps), or 'none'")
@@ -144,8 +139,8 @@ class Args:
     adam_beta2: float = arg(0.999, "AdamW beta2")
     adam_weight_decay: float = arg(1e-4, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
-    train_batch_size: int = arg(8, "trajectories per update micro-batch (= --sample_batch_size: same shapes)")
-    updates_per_epoch: int = arg(2, "optimiser steps per epoch, gradients accumulated in between (Flow-GRPO: 2)")
+    train_batch_size: int = arg(8, "trajectories per update micro-batch (= --sample_batch_size: same shapes)", low=1)
+    updates_per_epoch: int = arg(2, "optimiser steps per epoch, gradients accumulated in between (Flow-GRPO: 2)", low=1)
     timestep_fraction: float = arg(0.99, "train the first int(T * fraction) steps (Flow-GRPO: 0.99, 9 of 10)")
     clip_range: float = arg(1e-4, "PPO ratio clip epsilon (Flow-GRPO: 1e-4; log-probs are means over C*H*W)")
     adv_clip_max: float = arg(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max]")
@@ -154,21 +149,19 @@ class Args:
     full_finetune: bool = arg(False, "train every denoiser weight instead of LoRA (DanceGRPO, SD-v1.4; --beta 0)")
     ema: bool = arg(True, "EMA of the trainable weights for evaluation and saving (Flow-GRPO: 0.9 every 8 steps)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward: less memory, ~30% slower")
-    rank: int = arg(32, "LoRA rank")
-    lora_alpha: int = arg(64, "LoRA alpha (scale = alpha / rank)")
+    rank: int = arg(32, "LoRA rank", low=1)
+    lora_alpha: int = arg(64, "LoRA alpha (scale = alpha / rank)", low=1)
 
 
 def parse_args(argv=None) -> Args:
     # a one-line usage: all the flags spelled out (-h lists them) would bury argparse's one-line error
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], usage="%(prog)s [--flag VALUE ...]",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    kinds = dict(bool=dict(action=argparse.BooleanOptionalAction), int=dict(type=int), float=dict(type=float),
+                 str=dict(type=str))  # how a field of each type parses
     for f in dataclasses.fields(Args):
         help = f.metadata["help"].replace("%", "%%")  # argparse formats help strings with %
-        if f.type == "bool":
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help)
+        parser.add_argument(f"--{f.name}", default=f.default, help=help, **kinds[f.type])
     return Args(**vars(parser.parse_args(argv)))
 
 
@@ -188,22 +181,16 @@ def refuse(problems):
 
 def validate(args):
     """Every check that needs no model, so bad input fails before anything loads; returns the prune schedule."""
-    floor = dict(num_epochs=1, num_steps=1, num_eval_prompts=1, eval_steps=1, checkpointing_steps=1, rank=1,
-                 lora_alpha=1, max_sequence_length=1, resolution=16, prompts_per_epoch=1, sample_batch_size=1,
-                 decode_batch_size=1, reward_batch_size=1, train_batch_size=1, updates_per_epoch=1, eval_every=0,
-                 checkpoints_total_limit=0)
-    # Ceilings only where more makes no sense: diffusers' schedulers have 1000 training timesteps (DDIM refuses
-    # more steps), 4096 px is 4x the side SD3 was trained at, T5 reads 512 tokens. Any other count past 2**31 - 1
-    # is a slip of the keyboard that torch would overflow or allocate for; the seed is hashed, so any will do.
-    ceiling = dict(num_steps=1000, eval_steps=1000, resolution=4096, max_sequence_length=512)
+    # Int ranges (Args' low, high): ceilings only where more makes no sense: diffusers' schedulers have 1000 training
+    # timesteps (DDIM refuses more steps), 4096 px is 4x the side SD3 was trained at, T5 reads 512 tokens. Any other
+    # count past 2**31 - 1 is a slip of the keyboard that torch would overflow or allocate for (the seed is hashed).
     values, problems = dataclasses.asdict(args), []  # problems: (what is wrong, what to say), checked in order
     for f in dataclasses.fields(Args):
-        value = values[f.name]
+        value, low, high = values[f.name], f.metadata["low"], f.metadata["high"]
         if f.type == "float":  # every step, log-prob and loss is fp32 math: inf, NaN or 1e39 would poison it
             problems.append((not abs(value) <= torch.finfo(torch.float32).max,
                              f"--{f.name} must be a finite number within fp32's range (got {value})"))
-        elif f.type == "int" and f.name != "seed":
-            low, high = floor.get(f.name, -math.inf), ceiling.get(f.name, 2**31 - 1)
+        elif f.type == "int":
             problems += [(value < low, f"--{f.name} must be at least {low} (got {value})"),
                          (value > high, f"--{f.name} must be at most {high} (got {value})")]
     refuse(problems)
@@ -385,12 +372,11 @@ def parse_prune_schedule(spec, num_steps, group_size):
 
 
 def live_counts(num_steps, group_size, schedule):
-    """Trajectories alive when step i is evaluated; their sum is the transformer evaluations per group."""
-    alive, keep_at = [], dict(schedule)
-    n = group_size
-    for i in range(num_steps):
-        alive.append(n)  # step i's velocity is computed for every live trajectory; the projection reuses it
-        n = keep_at.get(i, n)  # then the survivors take step i
+    """Trajectories alive when step i is evaluated; their sum is the transformer evaluations per group. Step i's
+    output is computed for every live trajectory (a checkpoint's projection reuses it); its survivors take step i."""
+    alive, keep_at = [group_size], dict(schedule)
+    for i in range(num_steps - 1):
+        alive.append(keep_at.get(i, alive[-1]))
     return alive
 
 
@@ -424,9 +410,8 @@ def project_x0(sched, i, x, out):
 
 
 def step_logprob(sched, i, out, x, x_next, noise_level, out_ref=None):
-    """Log-prob of stored steps x -> x_next under the current model output, and the KL to out_ref: for two
-    Gaussians of one std, the mean over C*H*W of (mean - mean_ref)^2 / (2 std^2), the flow std without its
-    sqrt(-dt) (Flow-GRPO). The fused kernels compute the same numbers."""
+    """Log-prob of stored steps x -> x_next under the current model output, and the KL to out_ref: for two Gaussians
+    of one std, mean over C*H*W of (mean - mean_ref)^2 / (2 std^2), the flow std without sqrt(-dt) (Flow-GRPO)."""
     if progrpo_kernels is None:
         return step_logprob_torch(sched, i, out, x, x_next, noise_level, out_ref)
     if "sigma" in sched:
@@ -454,9 +439,8 @@ def trajectory_seed(seed, epoch, prompt, member):
 
 
 def predict(pipe, sched, i, x, text, prompt_idx, args, batch_size):
-    """The family's guided output (guided_output) for latents x (N, ...) at steps i (N,) and prompts prompt_idx (N,),
-    in micro-batches; fp32 v (flow) or eps (diffusion). Sampling and the update both call it, so both see the same
-    guidance, dtype and conditioning: the first update step reproduces the sampling log-probs."""
+    """The family's guided output for x (N, ...) at steps i (N,), prompts prompt_idx (N,), in micro-batches; fp32 v or
+    eps. Sampling and the update both call it (same guidance, dtype, conditioning): the first update's ratio is 1."""
     dtype = DTYPES[args.mixed_precision]  # the forward under autocast in the half dtype; fp32 runs as it is
     out = []
     for b_x, b_i, b_p in zip(x.split(batch_size), i.split(batch_size), prompt_idx.split(batch_size)):
@@ -496,13 +480,11 @@ def prune_groups(scores, kept, live, G, audit, step):
 
 @torch.no_grad()
 def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids=None, progress=False):
-    """Sample G_max trajectories for each of the B prompts, pruning at the schedule's checkpoints.
-
-    prompt_ids: the prompts' positions in the epoch's whole batch (default 0..B-1); with the epoch they seed
-    every trajectory's noise, so a rank sampling a share of the batch samples what one process would. Returns
-    the survivors, rows sorted by trajectory id = prompt * G_max + member: latents (N, T + 1, ...) fp32,
-    log_probs (N, T), rewards (N,), reward_terms (N, n_terms), prompt_idx (N,), member (N,); the counters
-    (NFE, images decoded and scored) and the per-prompt audit."""
+    """Sample G_max trajectories for each of the B prompts, pruning at the schedule's checkpoints. prompt_ids: the
+    prompts' positions in the epoch's whole batch (default 0..B-1), which with the epoch seed every trajectory's noise,
+    so a rank sampling a share of the batch samples what one process would. Returns the survivors, rows sorted by
+    trajectory id = prompt * G_max + member: latents (N, T + 1, ...) fp32, log_probs (N, T), rewards (N,),
+    reward_terms (N, n_terms), prompt_idx (N,), member (N,); the counters (NFE, images decoded) and the audit."""
     device = denoiser(pipe).device
     B, G, T = len(prompts), args.group_size, args.num_steps
     sched = sampler_schedule(pipe, T, args.resolution, device)
@@ -515,8 +497,7 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids=No
     if args.shared_noise:  # DanceGRPO: every member starts from member 0's latent; each keeps its own SDE noise
         x = x[live // G * G]
     latents, log_probs = [x], []  # one (n_live, ...) entry per step; rows follow `live`
-    keep_at = dict(schedule)
-    stats = dict(nfe=0, decodes=0)
+    keep_at, stats = dict(schedule), dict(nfe=0, decodes=0)
     audit = [dict(index=i, prompt=p, checkpoints=[]) for i, p in zip(prompt_ids, prompts)]
     for i in tqdm(range(T), desc=f"epoch {epoch} sampling", leave=False, disable=not progress):
         steps = torch.full((len(live),), i, device=device)  # (n_live,) the step index of every live trajectory
@@ -557,8 +538,7 @@ def rollout(pipe, text, prompts, reward_fn, args, epoch, schedule, prompt_ids=No
 def sample_deterministic(pipe, text, args, num_steps, seed):
     """Evaluation images: the deterministic sampler (Euler ODE / DDIM eta = 0), one per prompt, fixed noise."""
     device, n = denoiser(pipe).device, len(text["embeds"])
-    sched = sampler_schedule(pipe, num_steps, args.resolution, device)
-    shape = latent_shape(pipe, args.resolution)
+    sched, shape = sampler_schedule(pipe, num_steps, args.resolution, device), latent_shape(pipe, args.resolution)
     generators = [torch.Generator(device).manual_seed(trajectory_seed(seed, "eval", p, 0)) for p in range(n)]
     x = torch.stack([torch.randn(shape, device=device, generator=g) for g in generators])  # (n, ...)
     for i in range(num_steps):
@@ -571,16 +551,12 @@ def sample_deterministic(pipe, text, args, num_steps, seed):
 # ---- ALGO LOGIC: the GRPO update on the survivors ----------------------------------------------------------
 
 def train_epoch(pipe, params, optimizer, scaler, samples, adv, text, args, epoch, ema=None, progress=False):
-    """PPO-clip GRPO over the survivors' stored steps: recompute log-probs, clip, KL, AdamW.
-
-    Each trajectory trains on its first int(T * timestep_fraction) steps, in order for flow models (Flow-GRPO),
-    in a random order per trajectory for diffusion models (DanceGRPO). Samples whose advantage is exactly 0 are
-    dropped (Flow-GRPO's rule). The epoch's micro-batches are split into `updates_per_epoch` optimiser steps (none
-    if nothing is left); each sample weighs 1 / (the step's samples on all ranks x trained steps), whatever the
-    micro-batching; under torchrun the gradients are averaged over ranks before clipping. `scaler` scales the fp16
-    loss (disabled otherwise); `ema` (tensors or None) follows the weights. A step whose gradient holds an inf or
-    NaN is skipped, in every precision, and counted in `skipped`. Returns per-(micro-batch, step) and
-    per-optimiser-step statistics."""
+    """PPO-clip GRPO over the survivors' stored steps: recompute log-probs, clip, KL, AdamW. Each trajectory trains its
+    first int(T * timestep_fraction) steps (flow: in order, Flow-GRPO; DDIM: in a random order, DanceGRPO); samples
+    of advantage exactly 0 are left out. The micro-batches make `updates_per_epoch` optimiser steps (none if nothing
+    is left), each sample weighing 1 / (the step's samples on all ranks x trained steps), gradients averaged over
+    ranks before clipping. `scaler` scales the fp16 loss; `ema` (tensors or None) follows the weights; a step whose
+    gradient holds an inf or NaN is skipped and counted. Returns per-(micro-batch, step) and per-step statistics."""
     model = denoiser(pipe)
     device = model.device
     sched = sampler_schedule(pipe, args.num_steps, args.resolution, device)
@@ -661,13 +637,9 @@ def group_std(rewards):
 
 def epoch_metrics(epoch, rewards, terms, stats, audit, info, args, schedule):
     """One metrics.jsonl line from the survivors' rewards (B, K) and terms, the counters, audit and update."""
-    metrics = {
-        "epoch": epoch,
-        "reward/mean": rewards.mean().item(),
-        "reward/std": rewards.std(correction=0).item(),
-        "reward/group_std": group_std(rewards),
-        "reward/zero_std_groups": int((rewards.max(1).values == rewards.min(1).values).sum()),
-    }
+    metrics = {"epoch": epoch, "reward/mean": rewards.mean().item(), "reward/std": rewards.std(correction=0).item(),
+               "reward/group_std": group_std(rewards),
+               "reward/zero_std_groups": int((rewards.max(1).values == rewards.min(1).values).sum())}
     for (name, _, _), term in zip(parse_reward_spec(args.reward), terms.unbind(-1)):
         metrics[f"reward/{name}"] = term.mean().item()  # each term unweighted, beside the weighted sum
     metrics.update({"prune/started": args.group_size, "prune/kept": rewards.shape[1],
@@ -679,44 +651,33 @@ def epoch_metrics(epoch, rewards, terms, stats, audit, info, args, schedule):
         metrics[f"prune/group_std_after_{step}"] = group_std(torch.tensor(kept))
     finite = info["grad_norm"][torch.isfinite(info["grad_norm"])]  # a skipped fp16 step has an inf norm
     first = info["first_step_ratio_dev"]  # empty, as every policy/ statistic, when nothing was left to train
-    metrics.update({
-        "perf/nfe_sample": stats["nfe"],
-        "perf/decodes": stats["decodes"],
-        "policy/loss": info["loss"].mean().item(),
-        "policy/approx_kl": info["approx_kl"].mean().item(),
-        "policy/clipfrac": info["clipfrac"].mean().item(),
-        "policy/ratio_mean": info["ratio"].mean().item(),
-        "policy/first_step_ratio_dev": first.max().item() if len(first) else float("nan"),
-        "policy/kl": info["kl"].mean().item(),
-        "policy/grad_norm": finite.mean().item() if len(finite) else float("nan"),
-        "policy/skipped_steps": int(info["skipped"].sum()),
-        "policy/zero_adv_dropped": int(info["zero_adv_dropped"].sum()),  # all ranks'
-    })
+    metrics.update({"perf/nfe_sample": stats["nfe"], "perf/decodes": stats["decodes"],
+                    **{f"policy/{k}": info[k].mean().item() for k in ("loss", "approx_kl", "clipfrac", "kl")},
+                    "policy/ratio_mean": info["ratio"].mean().item(),
+                    "policy/first_step_ratio_dev": first.max().item() if len(first) else float("nan"),
+                    "policy/grad_norm": finite.mean().item() if len(finite) else float("nan"),
+                    "policy/skipped_steps": int(info["skipped"].sum()),
+                    "policy/zero_adv_dropped": int(info["zero_adv_dropped"].sum())})  # all ranks'
     return metrics
 
 
 def read_prompts(path, flag="prompts file"):
-    """One prompt per line, UTF-8; a missing, unreadable, binary or empty file, or a folder, is a one-line error
-    that names `flag` (--prompts or --eval_prompts) and the path."""
-    if os.path.isdir(path):
-        raise RunError(f"{flag} '{path}' is a folder, not a text file of prompts (one per line)")
-    if not os.path.isfile(path):
-        raise RunError(f"{flag} '{path}' not found (one prompt per line; `bash run.sh sd35` fetches them)")
+    """One prompt per line, UTF-8; a missing, unreadable, binary or empty file, or a folder: one line naming `flag`."""
+    missing = f"{flag} '{path}' not found (one prompt per line; `bash run.sh sd35` fetches them)"
+    refuse([(os.path.isdir(path), f"{flag} '{path}' is a folder, not a text file of prompts (one per line)"),
+            (not os.path.isfile(path), missing)])
     try:
         text = Path(path).read_bytes().decode("utf-8", errors="replace")
     except OSError as e:  # no read permission, a failing disk
         raise RunError(f"{flag} '{path}' cannot be read ({e.strerror})") from None
-    if "\0" in text or "\ufffd" in text:
-        raise RunError(f"{flag} '{path}' is binary or not UTF-8 text (one prompt per line)")
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise RunError(f"{flag} '{path}' has no prompts")
+    refuse([("\0" in text or "\ufffd" in text, f"{flag} '{path}' is binary or not UTF-8 text (one prompt per line)"),
+            (not prompts, f"{flag} '{path}' has no prompts")])
     return prompts
 
 
 def start_outputs(args, out_dir, start_epoch):
-    """Rank 0's output folder: the metrics and audit files (a resumed run keeps the lines of the epochs before
-    start_epoch), and progrpo_outputs' (log, finish), or no-ops without it (then no samples/ either)."""
+    """Rank 0's metrics and audit files (a resume keeps earlier epochs'), progrpo_outputs' (log, finish) or no-ops."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in (out_dir / "metrics.jsonl", out_dir / "prune_audit.jsonl"):
         lines = path.read_text().splitlines() if path.exists() else []
@@ -825,9 +786,8 @@ def main(args):
             history.append(metrics)
             log(metrics, history, grid if "eval/reward_mean" in metrics else None, adv)
             epochs.write(summary_line(metrics, args))
-        # A run whose steps keep failing stops, every rank at once (each holds every rank's info), before it saves.
-        # A step fails when it is skipped at a loss scale of 1 or less: in fp32 and bf16 any skipped step; fp16's
-        # scaler skips while it lowers its scale from 2^16 to one that fits; below 1 is "likely wrong" (torch).
+        # A run whose steps keep failing stops on every rank, before it saves. A step fails when it is skipped at a
+        # loss scale <= 1: any skip in fp32 and bf16; fp16's scaler skips while it backs off from 2^16 (README).
         failed = info["skipped"].bool() & (info["loss_scale"] <= 1)
         if len(failed) and failed.all():  # an epoch with no step (every advantage 0) has not failed
             raise RunError(f"every optimiser step of epoch {epoch} had an inf/NaN loss or gradient (policy/loss "
@@ -861,10 +821,18 @@ def summary_line(m, args):
     return line + f" | {m['time/sample_s']:.1f}s + {m['time/train_s']:.1f}s"
 
 
+def evaluate(pipe, reward_fn, prompts, args, grid_path):
+    """ODE samples on held-out prompts, one per prompt: their mean reward (and with progrpo_outputs, a grid PNG)."""
+    text = encode_prompts(pipe, prompts, args.max_sequence_length)
+    images = sample_deterministic(pipe, text, args, args.eval_steps, args.seed)
+    if progrpo_outputs is not None:
+        progrpo_outputs.save_grid(images, grid_path, ncol=min(4, len(prompts)), captions=prompts)
+    return reward_fn(images, prompts)[:, 0].mean().item()  # build_reward's weighted sum
+
+
 # ---- ALGO LOGIC: the model family -------------------------------------------------------------------------
-# A port to another pipeline edits this section only: a row of FAMILIES (keyed by the pipeline's class) and the
-# functions the row names. The sections above call guided_output, latent_shape, sampler_schedule, encode_prompts and
-# decode without knowing which family runs; the sampler's math follows the schedule's kind (sigmas or alphas).
+# A port edits this section only: a row of FAMILIES (keyed by pipeline class), the functions it names. The sections
+# above call guided_output, latent_shape, sampler_schedule, encode_prompts and decode without knowing the family.
 
 def family(pipe):
     """The pipeline's row of FAMILIES (at the end of this section)."""
@@ -948,8 +916,7 @@ def encode_sd3(pipe, prompts, max_sequence_length, device):
 
 
 def guided_output(pipe, x, t, text, rows, scale):
-    """The denoiser's output, fp32, for latents x (n, ...) at model timesteps t (n,) and prompts `rows` (n,) of
-    `text`, in the sampler's terms (v or eps), guided the family's way (its row's `output`: CFG or distilled)."""
+    """The family's guided output (its row's `output`), fp32 v or eps, for x (n, ...) at timesteps t, prompts rows."""
     return family(pipe)["output"](pipe, x, t, text, rows, scale)
 
 
@@ -957,14 +924,13 @@ def sd_cfg(pipe, x, t, text, rows, scale):
     """SD3's transformer or an SD1.x/2.x UNet under classifier-free guidance o = o_u + g (o_t - o_u), o_u on the empty
     prompt, both halves in one call; at g = 1 only o_t, the formula's value, is computed: CFG-free costs half. SD2.x's
     v-prediction (v = sqrt(a) eps - sqrt(1 - a) x0) returns as the sampler's eps = sqrt(a) v + sqrt(1 - a) x."""
-    cond, x_in, t_in = {k: v[rows] for k, v in text.items() if k != "negative"}, x, t  # the trajectories' prompts
+    cond, xs, ts = {k: v[rows] for k, v in text.items() if k != "negative"}, x, t  # the trajectories' prompts
     if scale != 1:  # the unconditional half first
         negative = {k: v.expand(len(x), *v.shape[1:]) for k, v in text["negative"].items()}
         cond = {k: torch.cat([negative[k], v]) for k, v in cond.items()}
-        x_in, t_in = torch.cat([x, x]), torch.cat([t, t])
+        xs, ts = torch.cat([x, x]), torch.cat([t, t])
     pooled = {"pooled_projections": cond["pooled"]} if "pooled" in cond else {}  # SD3's pooled CLIP
-    o = denoiser(pipe)(x_in, timestep=t_in, encoder_hidden_states=cond["embeds"], return_dict=False, **pooled)[0]
-    o = o.float()  # everything after the forward is fp32
+    o = denoiser(pipe)(xs, timestep=ts, encoder_hidden_states=cond["embeds"], return_dict=False, **pooled)[0].float()
     if scale != 1:
         o_uncond, o_text = o.chunk(2)
         o = o_uncond + scale * (o_text - o_uncond)
@@ -975,17 +941,16 @@ def sd_cfg(pipe, x, t, text, rows, scale):
 
 
 def latent_shape(pipe, resolution):
-    """One trajectory's latent for a resolution x resolution image: (C, h, w), the side over the VAE's downsampling;
-    a family that packs p x p latent patches into tokens (the row's `patch`) gets (h w, C), sides in patches."""
+    """One trajectory's latent for a square image: (C, h, w), or with the row's `patch` p > 1, p x p tokens (h w, C)."""
     patch, channels = family(pipe)["patch"], denoiser(pipe).config.in_channels
     side = resolution // (pipe.vae_scale_factor * patch)
     return (channels, side, side) if patch == 1 else (side * side, channels)
 
 
 def sampler_schedule(pipe, num_steps, resolution, device):
-    """The sampler's (T,) tensors (see sampler_step), of its scheduler's kind, on the family's `steps` or else the
-    scheduler's own. Flow: diffusers' sigmas (1 -> 0; SD3.5: shift 3), model timestep 1000 sigma. DDIM: diffusers'
-    timesteps (981, ..., 1 for T = 50), alphas_cumprod at t and at t - 1000 / T clamped at 0 (DDPO)."""
+    """The sampler's (T,) tensors (see sampler_step) over the family's `steps` or the scheduler's. Flow: diffusers'
+    sigmas (1 -> 0), model timestep 1000 sigma. DDIM: diffusers' timesteps (981, ..., 1 for T = 50), alphas_cumprod
+    at t and at t - 1000 / T clamped at 0 (DDPO)."""
     scheduler, steps = pipe.scheduler, family(pipe)["steps"]
     kwargs = steps(pipe, num_steps, resolution) if steps else dict(num_inference_steps=num_steps)
     scheduler.set_timesteps(device=device, **kwargs)
@@ -1022,7 +987,7 @@ FAMILIES = {  # pipeline class -> guided denoiser output, text encoding, steps, 
 
 
 # ---- ALGO LOGIC: rewards. One interface: images (N, 3, H, W) in [0, 1] and N prompts -> (N,) fp32 rewards.
-# `--reward module.attr` names a factory: attr(device) loads its model once and returns reward_fn(images, prompts).
+# `--reward module.attr` names a factory: attr(device) loads its model once and returns reward_fn(images, prompts);
 # repro/scorers.py holds the paper's (PickScore, HPSv2.1, CLIP score, ...) and DDPO's weight-free JPEG rewards.
 
 def parse_reward_spec(spec):
@@ -1064,17 +1029,6 @@ def build_reward(spec, device):
         return torch.cat([(parts * weights).sum(1, keepdim=True), parts], 1)
 
     return reward_fn
-
-
-# ---- TRY NOT TO MODIFY: evaluation ------------------------------------------------------------------------
-
-def evaluate(pipe, reward_fn, prompts, args, grid_path):
-    """ODE samples on held-out prompts, one per prompt: their mean reward (and with progrpo_outputs, a grid PNG)."""
-    text = encode_prompts(pipe, prompts, args.max_sequence_length)
-    images = sample_deterministic(pipe, text, args, args.eval_steps, args.seed)
-    if progrpo_outputs is not None:
-        progrpo_outputs.save_grid(images, grid_path, ncol=min(4, len(prompts)), captions=prompts)
-    return reward_fn(images, prompts)[:, 0].mean().item()  # build_reward's weighted sum
 
 
 # ---- TRY NOT TO MODIFY: ranks, EMA, weights and checkpoints ------------------------------------------------
@@ -1138,9 +1092,8 @@ WEIGHT_FILES = ("pytorch_lora_weights.safetensors", "transformer", "unet")  # wh
 
 
 def save_weights(pipe, directory, full_finetune):
-    """LoRA as pytorch_lora_weights.safetensors (`pipe.load_lora_weights(dir)` loads it), or the full denoiser
-    as a diffusers model folder; written under a temporary folder, then each file renamed into place, so a save
-    killed half-way leaves the previous files intact."""
+    """LoRA as pytorch_lora_weights.safetensors (`pipe.load_lora_weights(dir)` loads it), or the full denoiser as a
+    diffusers model folder; each file renamed into place once written, so a killed save leaves the previous ones."""
     from peft.utils import get_peft_model_state_dict
     tmp, model, key = Path(directory) / ".saving", denoiser(pipe), denoiser_key(pipe)
     if full_finetune:
@@ -1155,18 +1108,14 @@ def save_weights(pipe, directory, full_finetune):
     shutil.rmtree(tmp)  # only empty folders are left in it
 
 
-def trained_names(pipe):
-    """The trainable weights' names, which a checkpoint must match."""
-    return [n for n, p in denoiser(pipe).named_parameters() if p.requires_grad]
-
-
 def save_checkpoint(directory, epoch, history, pipe, params, optimizer, scaler, ema, args):
     """The weights users load (EMA if on) and training_state.pt with the rest (optimiser, fp16 scaler, EMA), renamed
     into place when complete: a run killed while writing it resumes from the previous checkpoint. No RNG state:
     every random draw after the LoRA initialisation comes from a generator seeded by (seed, epoch, ...)."""
     with ema_weights(params, ema):
         save_weights(pipe, directory, args.full_finetune)
-    state = dict(epoch=epoch, history=history, names=trained_names(pipe), shapes=[tuple(p.shape) for p in params],
+    names = [n for n, p in denoiser(pipe).named_parameters() if p.requires_grad]  # which a resumed run must match
+    state = dict(epoch=epoch, history=history, names=names, shapes=[tuple(p.shape) for p in params],
                  params=[p.detach().cpu() for p in params], optimizer=optimizer.state_dict(),
                  scaler=scaler.state_dict(), ema=None if ema is None else [e.cpu() for e in ema])
     torch.save(state, Path(directory) / "training_state.pt.tmp")
@@ -1199,7 +1148,8 @@ def load_checkpoint(directory, pipe, params, optimizer, scaler, ema):
     except Exception as e:  # a truncated or foreign file, or one holding objects: refuse it, naming it
         raise RunError(f"checkpoint '{path}' is unreadable ({type(e).__name__}): truncated, or holding objects, "
                        "which are never unpickled; delete it to resume from an earlier one") from None
-    same = state["names"] == trained_names(pipe) and state["shapes"] == [tuple(p.shape) for p in params]
+    names = [n for n, p in denoiser(pipe).named_parameters() if p.requires_grad]
+    same = state["names"] == names and state["shapes"] == [tuple(p.shape) for p in params]
     if not same or (state["ema"] is None) != (ema is None):
         raise RunError(f"checkpoint '{path}' does not match this run's trainable weights "
                        "(model, --rank, --full_finetune, --ema)")
