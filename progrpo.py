@@ -860,11 +860,11 @@ def load_pipeline(name_or_path, dtype, full_finetune=False):
         name = diffusers.DiffusionPipeline.load_config(name_or_path)["_class_name"]
         if name not in FAMILIES:
             raise RunError(f"'{name_or_path}' is a {name}; supported: {', '.join(FAMILIES)}")
-        pipe = diffusers.DiffusionPipeline.from_pretrained(name_or_path, dtype=dtypes, **FAMILIES[name]["load"])
+        pipe = diffusers.DiffusionPipeline.from_pretrained(name_or_path, dtype=dtypes, **FAMILIES[name].get("load", {}))
     except (OSError, ValueError) as e:
         raise RunError(f"could not load '{name_or_path}': {str(e).splitlines()[0]} "
                        "(gated hub models need `hf auth login` and an accepted licence)") from None
-    if family(pipe)["scheduler"]:  # the sampler's scheduler, configured with the pipeline's own schedule
+    if family(pipe).get("scheduler"):  # the sampler's scheduler, configured with the pipeline's own schedule
         pipe.scheduler = getattr(diffusers, family(pipe)["scheduler"]).from_config(pipe.scheduler.config)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
@@ -915,6 +915,12 @@ def encode_sd3(pipe, prompts, max_sequence_length, device):
     return dict(embeds=embeds, pooled=pooled, negative=dict(embeds=negative[:1], pooled=negative_pooled[:1]))
 
 
+def encode_flux(pipe, prompts, max_sequence_length, device):
+    """FLUX.1: T5's tokens (B, L, 4096) and CLIP-L's pooled output (B, 768); no negative prompt, zero text ids."""
+    embeds, pooled, _ = pipe.encode_prompt(prompts, device=device, max_sequence_length=max_sequence_length)
+    return dict(embeds=embeds, pooled=pooled)
+
+
 def guided_output(pipe, x, t, text, rows, scale):
     """The family's guided output (its row's `output`), fp32 v or eps, for x (n, ...) at timesteps t, prompts rows."""
     return family(pipe)["output"](pipe, x, t, text, rows, scale)
@@ -940,6 +946,18 @@ def sd_cfg(pipe, x, t, text, rows, scale):
     return o
 
 
+def flux_distilled(pipe, x, t, text, rows, scale):
+    """FLUX.1's transformer on packed latents x (n, tokens, 64) as FluxPipeline calls it: dev's distilled guidance is a
+    model input (one call, no negative prompt; schnell has none), timestep t / 1000, image ids (0, row, col)."""
+    from diffusers import FluxPipeline
+    model, side = pipe.transformer, math.isqrt(x.shape[1])  # a square image's side, in patches
+    guidance = torch.full((len(x),), scale, device=x.device) if model.config.guidance_embeds else None
+    ids = dict(txt_ids=torch.zeros(text["embeds"].shape[1], 3, device=x.device),  # (tokens, 3) each
+               img_ids=FluxPipeline._prepare_latent_image_ids(None, side, side, x.device, torch.float32))
+    return model(hidden_states=x, timestep=t / 1000, guidance=guidance, encoder_hidden_states=text["embeds"][rows],
+                 pooled_projections=text["pooled"][rows], return_dict=False, **ids)[0].float()
+
+
 def latent_shape(pipe, resolution):
     """One trajectory's latent for a square image: (C, h, w), or with the row's `patch` p > 1, p x p tokens (h w, C)."""
     patch, channels = family(pipe)["patch"], denoiser(pipe).config.in_channels
@@ -963,6 +981,17 @@ def sampler_schedule(pipe, num_steps, resolution, device):
     return dict(timesteps=timesteps, alpha_prod_t=alphas[timesteps], alpha_prod_t_prev=alphas[prev])
 
 
+def flux_steps(pipe, num_steps, resolution):
+    """FluxPipeline's sigmas, linspace(1, 1/T, T) shifted by mu, a line in the image's token count through
+    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift); schnell's scheduler shifts by neither."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    c = pipe.scheduler.config
+    mu = calculate_shift(latent_shape(pipe, resolution)[0], c.base_image_seq_len, c.max_image_seq_len, c.base_shift,
+                         c.max_shift)
+    return dict(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+
+
 @torch.no_grad()
 def decode(pipe, x):
     """Latents -> images in [0, 1], (N, 3, H, W) fp32, through the fp32 VAE."""
@@ -975,14 +1004,16 @@ def decode(pipe, x):
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-FAMILIES = {  # pipeline class -> guided denoiser output, text encoding, steps, latent patch, LoRA, loading
-    "StableDiffusion3Pipeline": dict(  # LoRA on Flow-GRPO's targets
-        output=sd_cfg, encode=encode_sd3, steps=None, patch=1,
-        lora=["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-              "attn.add_v_proj", "attn.to_add_out"], load={}, scheduler=None),
+MMDIT_LORA = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+              "attn.add_v_proj", "attn.to_add_out"]  # Flow-GRPO's LoRA targets in SD3's and FLUX's attention
+FAMILIES = {  # pipeline class -> guided output, text encoding, steps, latent patch, LoRA; where needed, load, scheduler
+    "StableDiffusion3Pipeline": dict(output=sd_cfg, encode=encode_sd3, steps=None, patch=1, lora=MMDIT_LORA),
     "StableDiffusionPipeline": dict(  # SD1.x/2.x; DDPO's DDIM; no safety checker (it would censor what is scored)
         output=sd_cfg, encode=encode_sd1, steps=None, patch=1,
         lora=["to_q", "to_k", "to_v", "to_out.0"], load=dict(safety_checker=None), scheduler="DDIMScheduler"),
+    "FluxPipeline": dict(  # FLUX.1-dev and -schnell; Flow-GRPO's LoRA targets (single-stream blocks: to_q/k/v only)
+        output=flux_distilled, encode=encode_flux, steps=flux_steps, patch=2,
+        lora=MMDIT_LORA + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]),
 }
 
 
