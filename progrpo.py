@@ -101,7 +101,7 @@ def arg(default, help, low=-math.inf, high=2**31 - 1):  # an int flag is refused
 class Args:
     # TRY NOT TO MODIFY: run plumbing
     pretrained_model_name_or_path: str = arg("stabilityai/stable-diffusion-3.5-medium",
-                                             "hub id or local folder of a diffusers pipeline of a family in FAMILIES")
+                                             "hub id or local folder of a pipeline the model-family section supports")
     output_dir: str = arg("outputs/progrpo", "where metrics.jsonl, prune_audit.jsonl, sample grids and weights go")
     seed: int = arg(0, "seeds prompt order and every trajectory's noise", high=math.inf)
     mixed_precision: str = arg("fp16", "no | fp16 | bf16: autocast and frozen-weight dtype (fp16 adds a loss scaler)")

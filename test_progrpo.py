@@ -375,6 +375,19 @@ def tiny_args(**overrides):
     return progrpo.Args(**{**base, **overrides})
 
 
+FAMILY_KINDS = ["flow", "ddim", "flux"]  # the tiny SD3, SD1.x and FLUX.1-dev folders save_tiny writes
+
+
+@pytest.fixture(scope="module", params=FAMILY_KINDS)
+def family_tiny(request, tiny_dir):
+    """(kind, pipe, params, prompts, text): one family's tiny pipeline from its folder in fp32 with a rank-4 LoRA, two
+    prompts and their conditioning; the same through the same code for every family (one per module and family)."""
+    pipe = progrpo.load_pipeline(str(tiny_dir / request.param), torch.float32)
+    params = progrpo.trainable_parameters(pipe, tiny_args())
+    prompts = ["a red cat", "a blue dog"]
+    return request.param, pipe, params, prompts, progrpo.encode_prompts(pipe, prompts, 16)
+
+
 def test_tiny_pipeline_round_trips_through_from_pretrained(tiny_dir):
     """The tiny pipeline saved to a folder (the session's, by save_tiny) loads back through the real
     from_pretrained path, same outputs."""
@@ -428,13 +441,14 @@ def test_guidance_one_skips_the_unconditional_half(tiny):
 
 
 @pytest.mark.parametrize("batch_size", [1, 5])
-def test_survivors_are_identical_to_unpruned_run(tiny, batch_size):
-    """A survivor's latents, log-probs and reward equal the same member's in an unpruned run with the same seed.
+def test_survivors_are_identical_to_unpruned_run(family_tiny, batch_size):
+    """A survivor's latents, log-probs and reward equal the same member's in an unpruned run with the same seed, in
+    every family (FLUX's latents packed into tokens).
 
     Bit for bit when each transformer call holds one trajectory; with mixed micro-batches the BLAS
     reduction order changes with the batch's other rows, so only float round-off (1e-6) may differ.
     """
-    pipe, _, prompts, text = tiny
+    _, pipe, _, prompts, text = family_tiny
     args = tiny_args(sample_batch_size=batch_size, decode_batch_size=batch_size, reward_batch_size=batch_size)
     pruned, _, _ = progrpo.rollout(pipe, text, prompts, tiny_models.colour_reward, args, 3, [(2, 4), (4, 3)])
     full, _, _ = progrpo.rollout(pipe, text, prompts, tiny_models.colour_reward, dataclasses.replace(args, prune="none"), 3, [])
@@ -497,15 +511,23 @@ def test_uniform_subset_is_a_seeded_uniform_draw(tiny):
     assert (subset_share - 1 / 20).abs().max() < 0.007
 
 
-def test_ratio_is_one_on_first_update_step(tiny):
-    """With unchanged weights the recomputed log-probs equal the sampling ones: ratio 1 (CFG, micro-batches differ)."""
-    pipe, params, prompts, text = tiny
-    args = tiny_args(sample_batch_size=5, train_batch_size=4)  # different batch composition in sampling and update
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_ratio_is_one_on_first_update_step(tiny_dir, kind, precision):
+    """With unchanged weights the recomputed log-probs equal the sampling ones, ratio 1 and no clipping, for every
+    family (CFG or distilled guidance) and precision (frozen weights in its dtype, the forward under autocast),
+    although sampling and the update batch the trajectories differently. Measured: |ratio - 1| <= 1.7e-6."""
+    pipe = progrpo.load_pipeline(str(tiny_dir / kind), progrpo.DTYPES[precision])
+    args = tiny_args(mixed_precision=precision, sample_batch_size=5, train_batch_size=4)  # different compositions
+    params = progrpo.trainable_parameters(pipe, args)
+    prompts = ["a red cat", "a blue dog"]
+    text = progrpo.encode_prompts(pipe, prompts, 16)
     samples, _, _ = progrpo.rollout(pipe, text, prompts, tiny_models.colour_reward, args, 0, [(2, 4), (4, 3)])
     adv = progrpo.group_advantages(samples["rewards"], samples["prompt_idx"])
     optimizer = torch.optim.SGD(params, lr=0.0)
     info = progrpo.train_epoch(pipe, params, optimizer, NO_SCALER, samples, adv, text, args, 0)
-    assert (info["ratio"] - 1).abs().max() < 1e-5
+    assert samples["log_probs"].isfinite().all() and (adv != 0).any()
+    assert info["first_step_ratio_dev"].max() < 1e-5 and (info["ratio"] - 1).abs().max() < 1e-5
     assert info["clipfrac"].max() == 0 and info["kl"].abs().max() < 1e-10
 
 
@@ -733,6 +755,194 @@ def test_a_nonfinite_gradient_skips_its_own_step_only(monkeypatch, tiny):
     assert info["skipped"].tolist() == [1, 0] and info["grad_norm"][0].isnan() and info["grad_norm"][1].isfinite()
     assert all(optimizer.state[p]["step"] == 1 for p in params)
     assert all(a.isfinite().all() for a in after) and not all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model families: SD3, SD1.x and FLUX.1 behind one boundary
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS + ["flux-schnell"])
+def test_deterministic_sampler_is_the_pipelines_own(tmp_path, tiny_dir, kind):
+    """sample_deterministic (the evaluation sampler) gives, from the same latents and conditioning, the images of the
+    family's own diffusers pipeline: SD3's Euler with CFG, SD1's DDIM eta 0 with CFG, FLUX.1-dev's Euler on packed
+    latents with dynamically shifted sigmas and its distilled guidance input, FLUX.1-schnell's without either.
+    Measured: bit for bit in fp32."""
+    folder = tiny_dir / kind
+    if kind == "flux-schnell":  # save_tiny writes dev only
+        tiny_models.build_tiny_pipeline(kind).save_pretrained(folder := tmp_path / kind)
+    pipe = progrpo.load_pipeline(str(folder), torch.float32)
+    args = tiny_args(guidance_scale=3.5, mixed_precision="no")
+    prompts = ["a red cat", "a blue dog"]
+    text = progrpo.encode_prompts(pipe, prompts, 16)
+    ours = progrpo.sample_deterministic(pipe, text, args, 4, seed=0)
+    shape = progrpo.latent_shape(pipe, 16)  # the noise sample_deterministic draws: one generator per prompt
+    x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(progrpo.trajectory_seed(0, "eval", p, 0)))
+                     for p in range(2)])
+    call = dict(latents=x, num_inference_steps=4, guidance_scale=3.5, output_type="pt", height=16, width=16,
+                prompt_embeds=text["embeds"], **({"pooled_prompt_embeds": text["pooled"]} if "pooled" in text else {}))
+    for k, v in text.get("negative", {}).items():  # CFG: the empty prompt's row for every prompt
+        call[{"embeds": "negative_prompt_embeds", "pooled": "negative_pooled_prompt_embeds"}[k]] = v.expand(2, *v.shape[1:])
+    with torch.no_grad():
+        theirs = pipe(**call, **({"eta": 0.0} if kind == "ddim" else {})).images
+    assert shape == ((16, 64) if kind.startswith("flux") else (4, 8, 8)) and ours.std() > 0.05
+    assert ("negative" in text) == (kind in ("flow", "ddim"))  # FLUX is guided without a negative prompt
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_flux_schedule_latents_and_conditioning_are_fluxpipelines():
+    """FLUX.1's pieces against FluxPipeline's own: the sigmas shift with the image's token count (mu from
+    calculate_shift; FLUX.1-schnell: unshifted linspace(1, 1/T, T)), latent_shape is prepare_latents' packed shape,
+    decode unpacks as _unpack_latents does, and the conditioning is encode_prompt's T5 sequence and pooled CLIP."""
+    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    dev, schnell = tiny_models.build_tiny_pipeline("flux"), tiny_models.build_tiny_pipeline("flux-schnell")
+    for resolution in (16, 64):
+        tokens = (resolution // 4) ** 2  # the tiny VAE halves the side, then 2x2 patches
+        packed = dev.prepare_latents(1, 16, resolution, resolution, torch.float32, "cpu", torch.Generator())[0]
+        assert progrpo.latent_shape(dev, resolution) == tuple(packed.shape[1:]) == (tokens, 64)
+        mu = calculate_shift(tokens, 256, 4096, 0.5, 1.15)
+        linspace = torch.linspace(1, 1 / 6, 6, dtype=torch.float64)
+        shifted = math.exp(mu) / (math.exp(mu) + 1 / linspace - 1)
+        for pipe, expected in ((dev, shifted), (schnell, linspace)):
+            sched = progrpo.sampler_schedule(pipe, 6, resolution, "cpu")
+            torch.testing.assert_close(sched["sigma"].double(), expected, rtol=0, atol=1e-6)
+            assert sched["sigma_next"][-1] == 0 and torch.equal(sched["sigma"][1:], sched["sigma_next"][:-1])
+    x = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(0))
+    unpacked = FluxPipeline._unpack_latents(x, 16, 16, dev.vae_scale_factor)
+    image = dev.vae.decode(unpacked / dev.vae.config.scaling_factor + dev.vae.config.shift_factor).sample
+    torch.testing.assert_close(progrpo.decode(dev, x), (image / 2 + 0.5).clamp(0, 1), rtol=0, atol=0)
+    text = progrpo.encode_prompts(dev, ["a red cat"], 16)
+    with torch.no_grad():  # as encode_prompts runs it (the built pipeline's encoders are not frozen)
+        embeds, pooled, _ = dev.encode_prompt(["a red cat"], max_sequence_length=16)
+    assert set(text) == {"embeds", "pooled"} and torch.equal(text["embeds"], embeds) and torch.equal(text["pooled"], pooled)
+
+
+def test_each_family_loads_by_its_class_and_an_unknown_one_is_refused_unloaded(tmp_path, tiny_dir, caplog):
+    """load_pipeline reads the class from model_index.json: FLUX loads without the safety_checker argument (which
+    diffusers warns FluxPipeline does not take, as the control shows), SD1.x with DDPO's DDIM; a class no row names is
+    one RunError listing the supported ones, raised before any component loads (the folder holds none)."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    flux = progrpo.load_pipeline(str(tiny_dir / "flux"), torch.float32)
+    assert type(flux).__name__ == "FluxPipeline" and "safety_checker" not in caplog.text
+    DiffusionPipeline.from_pretrained(str(tiny_dir / "flux"), safety_checker=None)  # what load_pipeline used to pass
+    assert "{'safety_checker': None} are not expected by FluxPipeline" in caplog.text
+    assert isinstance(progrpo.load_pipeline(str(tiny_dir / "ddim"), torch.float32).scheduler, DDIMScheduler)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline", "unet": ["diffusers", "X"]}))
+    with pytest.raises(progrpo.RunError, match="is a KandinskyPipeline; supported: StableDiffusion3Pipeline, "
+                                               "StableDiffusionPipeline, FluxPipeline"):
+        progrpo.load_pipeline(str(tmp_path), torch.float32)
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_saved_lora_loads_with_the_pipelines_own_loader(tmp_path, tiny_dir, kind):
+    """After an optimiser step the LoRA save_weights writes loads into a fresh pipeline through its class's own
+    load_lora_weights (FluxPipeline's for FLUX) onto every adapted layer, and gives the trained guided output."""
+    pipe = progrpo.load_pipeline(str(tiny_dir / kind), torch.float32)
+    args = tiny_args(mixed_precision="no", prune="none", num_steps=2, learning_rate=1e-2)
+    params = progrpo.trainable_parameters(pipe, args)
+    prompts = ["a red cat", "a blue dog"]
+    text = progrpo.encode_prompts(pipe, prompts, 16)
+    samples, _, _ = progrpo.rollout(pipe, text, prompts, tiny_models.colour_reward, args, 0, [])
+    adv = progrpo.group_advantages(samples["rewards"], samples["prompt_idx"])
+    progrpo.train_epoch(pipe, params, torch.optim.AdamW(params, lr=1e-2), NO_SCALER, samples, adv, text, args, 0)
+    progrpo.save_weights(pipe, tmp_path, full_finetune=False)
+    fresh = type(pipe).from_pretrained(str(tiny_dir / kind))
+    fresh.load_lora_weights(str(tmp_path))
+    adapted = [n for n, _ in progrpo.denoiser(pipe).named_parameters() if "lora_A" in n]
+    assert len(adapted) == sum("lora_A" in n for n, _ in progrpo.denoiser(fresh).named_parameters()) > 0
+    x, t, rows = samples["latents"][:2, 1], torch.full((2,), 500.0), torch.arange(2)
+    with torch.no_grad():
+        trained, loaded = (progrpo.guided_output(p, x, t, text, rows, 4.5) for p in (pipe, fresh))
+        base = progrpo.guided_output(type(pipe).from_pretrained(str(tiny_dir / kind)), x, t, text, rows, 4.5)
+    assert (trained - base).abs().max() > 1e-4  # the step moved the output: the comparison can fail
+    torch.testing.assert_close(loaded, trained, rtol=0, atol=1e-5)
+
+
+def test_flux_trains_resumes_and_evaluates_from_the_command_line(tmp_path, tiny_dir):
+    """FLUX.1 through main with run.sh's flux flags at the tiny size: 2 epochs straight == 1, stop, resume to 2
+    (metrics and saved LoRA bit for bit), and --eval_only on the saved weights reproduces the last evaluation."""
+    from safetensors.torch import load_file
+
+    flags = short_run(tiny_dir) + ["--pretrained_model_name_or_path", str(tiny_dir / "flux"), "--guidance_scale", "3.5",
+                                   "--noise_level", "0.9", "--beta", "0", "--prune", "3:4,4:3", "--num_epochs", "2",
+                                   "--checkpointing_steps", "1", "--eval_every", "1", "--eval_steps", "4", "--ema"]
+    args = progrpo.parse_args(flags)
+    straight = progrpo.main(dataclasses.replace(args, output_dir=str(tmp_path / "straight")))
+    progrpo.main(dataclasses.replace(args, num_epochs=1, output_dir=str(tmp_path / "resumed")))
+    resumed = progrpo.main(dataclasses.replace(args, output_dir=str(tmp_path / "resumed"), resume_from_checkpoint="latest"))
+    assert without_times(resumed) == without_times(straight) and straight[0]["perf/nfe_sample"] == 4 * (4 * 6 + 4 + 3)
+    assert all(math.isfinite(m["policy/loss"]) and m["policy/first_step_ratio_dev"] < 1e-5 for m in straight)
+    a, b = (load_file(tmp_path / run / "pytorch_lora_weights.safetensors") for run in ("straight", "resumed"))
+    assert a.keys() == b.keys() and any("ff_context.net.2" in k for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+    again = progrpo.main(dataclasses.replace(args, output_dir=str(tmp_path / "eval"),
+                                             eval_only=str(tmp_path / "straight")))
+    assert abs(again[0]["eval/reward_mean"] - straight[-1]["eval/reward_mean"]) < 1e-5
+
+
+FAMILY_SECTION, NEXT_SECTION = "# ---- ALGO LOGIC: the model family", "# ---- ALGO LOGIC: rewards"
+PORT = '''
+def encode_flux_cfg(pipe, prompts, max_sequence_length, device):
+    """A de-distilled FLUX.1: FLUX's conditioning and the empty prompt's, for classifier-free guidance."""
+    return dict(encode_flux(pipe, prompts, max_sequence_length, device),
+                negative=encode_flux(pipe, [""], max_sequence_length, device))
+
+
+def flux_cfg(pipe, x, t, text, rows, scale):
+    """Classifier-free guidance around FLUX's call (its own guidance input at 1): both halves in one call."""
+    both = {k: torch.cat([text["negative"][k], v]) for k, v in text.items() if k != "negative"}
+    o_uncond, o_text = flux_distilled(pipe, torch.cat([x, x]), torch.cat([t, t]), both,
+                                      torch.cat([0 * rows, rows + 1]), 1.0).chunk(2)
+    return o_uncond + scale * (o_text - o_uncond)
+
+
+FAMILIES["DeDistilledFluxPipeline"] = dict(FAMILIES["FluxPipeline"], output=flux_cfg, encode=encode_flux_cfg)
+
+'''
+
+
+def test_a_new_family_is_ported_by_editing_the_family_section_only(monkeypatch, tmp_path, tiny_dir):
+    """The model-family section is the only place a port edits: progrpo.py holds one, between its header and the
+    rewards section's, the sections above it never name a pipeline class nor read a row, and a fork that only adds a
+    row and two functions at its end (a de-distilled FLUX class under classifier-free guidance) samples, prunes and
+    takes an optimiser step with the rest of progrpo.py untouched."""
+    from diffusers import FluxPipeline
+
+    text = (ROOT / "progrpo.py").read_text()
+    start, end = text.index(FAMILY_SECTION), text.index(NEXT_SECTION)
+    assert text.count(FAMILY_SECTION) == text.count(NEXT_SECTION) == 1 and start < end
+    for name in ("FAMILIES = {", "def load_pipeline(", "def trainable_parameters(", "def encode_prompts(",
+                 "def guided_output(", "def latent_shape(", "def sampler_schedule(", "def decode("):
+        assert start < text.index(name) < end, name
+    above = text[:start]
+    assert not re.search(r"family\(|FAMILIES|Pipeline\b|StableDiffusion|Flux", above)  # no family knowledge above
+    fork = text[:end] + PORT.lstrip("\n") + "\n" + text[end:]
+    assert fork[:start] == text[:start] and fork[fork.index(NEXT_SECTION):] == text[end:]
+    (tmp_path / "progrpo_fork.py").write_text(fork)
+    spec = importlib.util.spec_from_file_location("progrpo_fork", tmp_path / "progrpo_fork.py")
+    forked = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "progrpo_fork", forked)  # its dataclass looks itself up there
+    spec.loader.exec_module(forked)
+
+    DeDistilledFluxPipeline = type("DeDistilledFluxPipeline", (FluxPipeline,), {})  # a pipeline class of its own
+    pipe = DeDistilledFluxPipeline(**forked.load_pipeline(str(tiny_dir / "flux"), torch.float32).components)
+    args = forked.Args(**{**dataclasses.asdict(tiny_args()), "mixed_precision": "no", "learning_rate": 1e-2})
+    params, prompts = forked.trainable_parameters(pipe, args), ["a red cat", "a blue dog"]
+    text = forked.encode_prompts(pipe, prompts, 16)
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(len(kw["hidden_states"])),
+                                                      with_kwargs=True)
+    try:
+        samples, stats, _ = forked.rollout(pipe, text, prompts, tiny_models.colour_reward, args, 0, [(2, 4), (4, 3)])
+    finally:
+        hook.remove()
+    assert "negative" in text and stats["nfe"] == 58 and sum(seen) == 2 * 58  # CFG: two rows per trajectory-step
+    before = [p.detach().clone() for p in params]
+    adv = forked.group_advantages(samples["rewards"], samples["prompt_idx"])
+    info = forked.train_epoch(pipe, params, torch.optim.AdamW(params, lr=1e-2), NO_SCALER, samples, adv, text, args, 0)
+    assert info["first_step_ratio_dev"].max() < 1e-5 and not info["skipped"].any()
+    assert all(not torch.equal(b, p) for b, p in zip(before, params))  # every LoRA weight took the step
 
 
 # ---------------------------------------------------------------------------------------------------
