@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pro-GRPO presets. Usage: bash run.sh [demo|test|lock|bench|flops|compare|preflight|premise|eval|sd35|sd35-flash|sd35-baseline|sd14|sd14-baseline|sd14-multi] [extra flags]
+# Pro-GRPO presets. Usage: bash run.sh [demo|test|lock|bench|flops|compare|preflight|premise|eval|sd35|sd35-flash|sd35-baseline|sd14|sd14-baseline|sd14-multi|flux|flux-baseline] [extra flags]
 #   (none) / demo   CPU demo: Pro-GRPO on a small pretrained SD3-class digits model and a learned digit reward
 #   test            the test suite (CPU, offline)
 #   lock            move requirements.lock to the newest releases that pass the suite
@@ -8,6 +8,7 @@
 #   premise         will pruning help? bash run.sh premise demo|sd35|sd14|... [flags] (repro/premise.py)
 #   sd35*           the paper's flow settings on a GPU (SD3.5-Medium, PickScore); needs `hf auth login`
 #   sd14*           the paper's diffusion settings on a GPU (SD-v1.4, DDIM eta 1, HPSv2.1)
+#   flux*           FLUX.1-dev with Flow-GRPO's pickscore_flux settings (the paper trains no FLUX); needs `hf auth login`
 set -euo pipefail
 cd "$(dirname "$0")"
 preset="${1:-demo}"
@@ -184,6 +185,15 @@ SD14=(--pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 --reward rep
       --full_finetune --learning_rate 1e-5 --clip_range 1e-4 --beta 0 --sample_batch_size 8 --train_batch_size 8
       --no-ema)  # DanceGRPO keeps no EMA
 
+# Flow-GRPO's pickscore_flux (config/grpo.py, scripts/train_flux.py): 6 SDE steps (5 trained), 28 eval steps, the
+# distilled guidance 3.5 as a model input, noise level 0.9, beta 0, LoRA r 64 / alpha 128, 3 trajectories per call.
+# bf16: the 12B transformer's frozen weights in bf16 (~24 GB), the text encoders on the GPU only while encoding.
+FLUX=(--pretrained_model_name_or_path black-forest-labs/FLUX.1-dev --reward repro.scorers.PickScore
+      --prompts dataset/pickscore/train.txt --eval_prompts dataset/pickscore/test.txt --mixed_precision bf16
+      --resolution 512 --num_steps 6 --eval_steps 28 --noise_level 0.9 --guidance_scale 3.5 --max_sequence_length 128
+      --prompts_per_epoch 48 --learning_rate 3e-4 --clip_range 1e-4 --beta 0 --rank 64 --lora_alpha 128 --ema
+      --sample_batch_size 3 --train_batch_size 3)
+
 case "$preset" in
     demo)           # Pro-GRPO on the pretrained digits model and its learned reward (repro/digits.py), ~4-10 min
         [ -f repro/digits/pipeline/model_index.json ] || "$PY" -m repro.digits make
@@ -293,8 +303,15 @@ case "$preset" in
         launch fetch_hpsv2_prompts "${SD14[@]}" --group_size 48 --prune 30:32,40:8 \
             --reward repro.scorers.HPSv2:1.0,repro.scorers.CLIPScore:1.0 --output_dir outputs/sd14-multi "$@"
         ;;
+    flux)           # Pro-GRPO on FLUX.1-dev: 48 -> 24 -> 12 at steps {3, 4} of 6: sigma 0.65, 0.48 (sd35's: 0.71, 0.46)
+        launch fetch_pickscore_prompts "${FLUX[@]}" --group_size 48 --prune 3:24,4:12 --output_dir outputs/flux "$@"
+        ;;
+    flux-baseline)  # Flow-GRPO's pickscore_flux: G = 24, no pruning, one std over the epoch's rewards
+        launch fetch_pickscore_prompts "${FLUX[@]}" --group_size 24 --prune none --global_std \
+            --output_dir outputs/flux-baseline "$@"
+        ;;
     *)
-        echo "error: unknown preset '$preset'; choose demo, test, lock, bench, flops, compare, preflight, premise, eval, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline or sd14-multi" >&2
+        echo "error: unknown preset '$preset'; choose demo, test, lock, bench, flops, compare, preflight, premise, eval, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline, sd14-multi, flux or flux-baseline" >&2
         exit 2
         ;;
 esac

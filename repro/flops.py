@@ -3,8 +3,8 @@
 torch counts the FLOPs of ONE real call of each kind (one trajectory or one image) through progrpo.py's own
 functions; the epoch's counts multiply them. A batch's FLOPs are linear in its size, so counts x per-call is
 exact. A multiply-add is 2 FLOPs (torch's convention). `python -m repro.flops [config folder]` (or
-`bash run.sh flops`) prints the table for SD3.5-M and SD-v1.4 built on the meta device from configs/: no
-weights, no GPU, seconds.
+`bash run.sh flops`) prints the table for SD3.5-M, SD-v1.4 and FLUX.1-dev built on the meta device from configs/:
+no weights, no GPU, seconds.
 """
 
 import dataclasses
@@ -27,6 +27,9 @@ FLOPS_PRESETS = {  # run.sh's presets: model family and the flags that change th
                           full_finetune=True)),
     "sd14-baseline": ("ddim", dict(group_size=16, prune="none", num_steps=50, prompts_per_epoch=4, beta=0.0,
                                    full_finetune=True)),
+    "flux": ("flux", dict(group_size=48, prune="3:24,4:12", num_steps=6, beta=0.0, rank=64, lora_alpha=128)),
+    "flux-baseline": ("flux", dict(group_size=24, prune="none", num_steps=6, beta=0.0, rank=64, lora_alpha=128,
+                                   global_std=True)),
 }
 PAPER_TFLOPS = {"sd35-baseline": 453_474, "sd35": 335_627, "sd35-flash": 267_366}  # Table 4, per epoch: sampling + update
 PAPER_DECODE_TFLOPS, PAPER_REWARD_TFLOPS = 2.49, 0.34  # Table 4, per image
@@ -114,13 +117,14 @@ def clip_reward(clip):
 def meta_pipeline(config_dir, kind, args):
     """The paper's models on the meta device, from their published configs: real shapes, no weights, no download.
 
-    kind 'flow': SD3.5-Medium (transformer, VAE, CLIP-L + CLIP-G + T5-XXL); 'ddim': SD-v1.4 (UNet, VAE, CLIP-L).
-    Returns (pipe, clip, text, text_flops): the reward's CLIP-H, zero text embeddings of the shapes the
-    encoders give (a prompt row and the negative row, as encode_prompts lays them out), and the FLOPs of one
-    prompt through the text encoders.
+    kind 'flow': SD3.5-Medium (transformer, VAE, CLIP-L + CLIP-G + T5-XXL); 'ddim': SD-v1.4 (UNet, VAE, CLIP-L);
+    'flux': FLUX.1-dev (transformer, VAE, CLIP-L + T5-XXL). Returns (pipe, clip, text, text_flops): the reward's
+    CLIP-H, zero text embeddings of the shapes the encoders give (a prompt row and, for CFG, the negative row, as
+    encode_prompts lays them out), and the FLOPs of one prompt through the text encoders.
     """
-    from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel)
+    from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                           FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
+                           StableDiffusionPipeline, UNet2DConditionModel)
     from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config,
                               T5EncoderModel)
 
@@ -146,6 +150,18 @@ def meta_pipeline(config_dir, kind, args):
             embeds = torch.zeros(1, 77 + args.max_sequence_length, pipe.transformer.config.joint_attention_dim)
             pooled = torch.zeros(1, pipe.transformer.config.pooled_projection_dim)  # CLIP-L + CLIP-G pooled
             text = dict(embeds=embeds, pooled=pooled, negative=dict(embeds=embeds, pooled=pooled))  # prompt, negative
+        elif kind == "flux":
+            enc = read("flux1dev_text_encoders.json")
+            pipe = FluxPipeline(
+                transformer=FluxTransformer2DModel.from_config(read("flux1dev_transformer.json")),
+                vae=AutoencoderKL.from_config(read("flux1dev_vae.json")),
+                scheduler=FlowMatchEulerDiscreteScheduler.from_config(read("flux1dev_scheduler.json")),
+                text_encoder=CLIPTextModel(CLIPTextConfig(**enc["clip_l"])), tokenizer=None,
+                text_encoder_2=T5EncoderModel(T5Config(**enc["t5"])), tokenizer_2=None)
+            encoders = [(pipe.text_encoder, 77), (pipe.text_encoder_2, args.max_sequence_length)]
+            config = pipe.transformer.config  # the T5 tokens and CLIP-L's pooled output; no negative prompt
+            text = dict(embeds=torch.zeros(1, args.max_sequence_length, config.joint_attention_dim),
+                        pooled=torch.zeros(1, config.pooled_projection_dim))
         else:
             pipe = StableDiffusionPipeline(
                 unet=UNet2DConditionModel.from_config(read("sd14_unet.json")),
@@ -177,13 +193,15 @@ def preset_flops(config_dir):
             side = clip.config.vision_config.image_size
             pixels = torch.zeros(1, 3, side, side, device="meta")
             per_call["reward_image"] = count_flops(clip.get_image_features, pixel_values=pixels)[1]
-            tokens = (args.resolution // pipe.vae_scale_factor // getattr(model.config, "patch_size", 1)) ** 2
-            families[kind] = dict(per_call=per_call, params=params, image_tokens=tokens, text_flops=text_flops)
+            shape = latent_shape(pipe, args.resolution)  # (C, h, w), or FLUX's packed (tokens, C)
+            tokens = shape[0] if len(shape) == 2 else (shape[1] // getattr(model.config, "patch_size", 1)) ** 2
+            families[kind] = dict(per_call=per_call, params=params, image_tokens=tokens, text_flops=text_flops,
+                                  prompt_copies=2 if "negative" in text else 1)
         shared = families[kind]
         schedule = parse_prune_schedule(args.prune, args.num_steps, args.group_size)
-        # every epoch encodes its B prompts and B empty negatives (diffusers encodes one per prompt)
+        # every epoch encodes its B prompts, and for CFG B empty negatives (diffusers encodes one per prompt)
         results[name] = dict(epoch_flops(shared["per_call"], args, schedule), args=args, schedule=schedule,
-                             text=2 * args.prompts_per_epoch * shared["text_flops"], **shared)
+                             text=shared["prompt_copies"] * args.prompts_per_epoch * shared["text_flops"], **shared)
     return results
 
 
@@ -210,15 +228,19 @@ def flops_table(results):
     """Markdown report of preset_flops' results: per-epoch TFLOPs beside the paper's Table 4, and the accounting
     choices that explain the difference, computed."""
     TERA, pc, pc14, paper = 1e12, results["sd35"]["per_call"], results["sd14"]["per_call"], PAPER_TFLOPS
+    pcf = results["flux"]["per_call"]
     table4 = {n: p * TERA for n, p in paper.items()}  # in FLOPs, like ours
 
     def speedups(tot):  # the baseline's FLOPs over Pro-GRPO's and over Flash's
         return f"{tot['sd35-baseline'] / tot['sd35']:.2f}x / {tot['sd35-baseline'] / tot['sd35-flash']:.2f}x"
 
-    lines = ["## FLOPs per epoch (TFLOPs), torch.utils.flop_counter on SD3.5-Medium and SD-v1.4 built on the meta device", "",
+    lines = ["## FLOPs per epoch (TFLOPs), torch.utils.flop_counter on SD3.5-Medium, SD-v1.4 and FLUX.1-dev built on the meta "
+             "device", "",
              f"Per call: SD3.5-M guided evaluation (CFG pair, 512 px, 77 + 128 text tokens) {pc['model'] / TERA:.2f}, its train step "
              f"(+ LoRA backward) {pc['train'] / TERA:.2f}, reference forward {pc['reference'] / TERA:.2f}; SD-v1.4 guided evaluation "
-             f"{pc14['model'] / TERA:.2f}, train step (full fine-tune) {pc14['train'] / TERA:.2f}. Per image: VAE decode "
+             f"{pc14['model'] / TERA:.2f}, train step (full fine-tune) {pc14['train'] / TERA:.2f}; FLUX.1-dev guided evaluation "
+             f"(distilled guidance: one call, 1024 image + 128 text tokens) {pcf['model'] / TERA:.2f}, train step (+ LoRA r 64 "
+             f"backward) {pcf['train'] / TERA:.2f}. Per image: VAE decode "
              f"{pc['decode'] / TERA:.2f} (paper {PAPER_DECODE_TFLOPS}); reward {pc['reward'] / TERA:.3f} (CLIP-H image + text towers as "
              f"ClipScore runs them; the image tower alone {pc['reward_image'] / TERA:.3f}, paper {PAPER_REWARD_TFLOPS}).", "",
              "| preset | G -> K | NFE / group | sampling | checkpoint decode + reward | final decode + reward | update | total "
@@ -231,7 +253,8 @@ def flops_table(results):
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     total = {n: r["total"] for n, r in results.items()}
     lines += ["", f"Speed-up over the baseline, sd35 / sd35-flash: {speedups(total)} (paper: 1.26x / 1.41x in its text, "
-                  f"{speedups(paper)} from Table 4); sd14: {total['sd14-baseline'] / total['sd14']:.2f}x (no paper figure). "
+                  f"{speedups(paper)} from Table 4); sd14: {total['sd14-baseline'] / total['sd14']:.2f}x, "
+                  f"flux: {total['flux-baseline'] / total['flux']:.2f}x (no paper figures). "
                   f"Left out: the text encoders, run per prompt ({results['sd35']['text'] / TERA:,.0f} TFLOPs an sd35 epoch, "
                   f"{results['sd35']['text'] / total['sd35']:.2%}). sd14: B = 4 prompts (run.sh's per-GPU share), HPSv2.1 "
                   f"counted as the PickScore CLIP-H (both ViT-H-14).",

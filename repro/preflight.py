@@ -33,6 +33,7 @@ as a full epoch's prompts fill them; the short epoch's own sampling time is prin
 Run:
   bash run.sh preflight                        # sd35 on this machine's GPUs (run.sh passes its world size)
   bash run.sh preflight sd35 sd35-baseline     # also the ratio of projected epoch times
+  bash run.sh preflight flux flux-baseline     # FLUX.1-dev's 12B transformer: bf16, one 80 GB GPU
   python -m repro.preflight sd14 --prompts 2 --world_size 8 --mixed_precision fp16
 """
 
@@ -51,19 +52,23 @@ from progrpo import (DTYPES, Args, RunError, denoiser, group_advantages, latent_
                      rollout, sampler_schedule, score, train_epoch, trainable_parameters, validate)
 from repro.flops import FLOPS_PRESETS, clip_reward, epoch_flops
 
-# run.sh is the source of these flags (its SD35 and SD14 arrays): what FLOPS_PRESETS, which holds each preset's
-# family, group size and prune schedule, does not already say. Keep the three in step.
+# run.sh is the source of these flags (its SD35, SD14 and FLUX arrays): what FLOPS_PRESETS, which holds each
+# preset's family, group size and prune schedule, does not already say. Keep the three in step.
 RUN_SH_FLAGS = {
     "flow": dict(mixed_precision="fp16", resolution=512, num_steps=10, noise_level=0.7, guidance_scale=4.5,
                  prompts_per_epoch=48, learning_rate=3e-4, clip_range=1e-4, beta=0.01, rank=32, lora_alpha=64,
                  ema=True, sample_batch_size=8, train_batch_size=8),
     "ddim": dict(mixed_precision="bf16", resolution=512, noise_level=1.0, guidance_scale=5.0, learning_rate=1e-5,
                  clip_range=1e-4, sample_batch_size=8, train_batch_size=8, ema=False),
+    "flux": dict(mixed_precision="bf16", resolution=512, num_steps=6, noise_level=0.9, guidance_scale=3.5,
+                 prompts_per_epoch=48, learning_rate=3e-4, clip_range=1e-4, beta=0.0, rank=64, lora_alpha=128, ema=True,
+                 sample_batch_size=3, train_batch_size=3),
 }
 PROMPTS_PER_RANK = {"ddim"}  # run.sh gives sd14 4 prompts per GPU (--prompts_per_epoch 4 x world); sd35 splits 48
 CONFIGS = {  # the architecture configs of each family (configs/README.md says where they come from)
     "flow": dict(denoiser="sd35m_transformer.json", vae="sd35m_vae.json", scheduler="sd35m_scheduler.json"),
     "ddim": dict(denoiser="sd14_unet.json", vae="sd14_vae.json", scheduler="sd14_scheduler.json"),
+    "flux": dict(denoiser="flux1dev_transformer.json", vae="flux1dev_vae.json", scheduler="flux1dev_scheduler.json"),
 }
 # The CPU size: the same configs with fewer and narrower layers, so the same build code runs in seconds. Latent
 # channels, VAE depth (the 8x downsampling), text lengths and the schedule stay the real ones.
@@ -75,6 +80,9 @@ SHRINK = {
     "sd35m_vae.json": TINY_VAE,
     "sd14_unet.json": dict(block_out_channels=[32] * 4, layers_per_block=1, cross_attention_dim=32),
     "sd14_vae.json": TINY_VAE,
+    "flux1dev_transformer.json": dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                      joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6]),
+    "flux1dev_vae.json": TINY_VAE,
     "pickscore_clip.json": dict(projection_dim=32,
                                 text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2,
                                                  num_hidden_layers=1, projection_dim=32),
@@ -132,8 +140,9 @@ def build_pipeline(config_dir, kind, args, device, tiny):
     """The family's pipeline from configs/ with random weights, placed and typed as progrpo.load_pipeline does:
     the VAE fp32, a fully fine-tuned denoiser fp32, a LoRA'd one in the half dtype; all frozen, in eval mode.
     No text encoders or tokenizers: stand_in_text gives their outputs."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel)
+    from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                           FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
+                           StableDiffusionPipeline, UNet2DConditionModel)
 
     names = CONFIGS[kind]
     with torch.device(device):  # weights are initialised where they will run: seconds even for SD3.5-M
@@ -144,6 +153,11 @@ def build_pipeline(config_dir, kind, args, device, tiny):
             pipe = StableDiffusion3Pipeline(transformer=model, scheduler=scheduler, vae=vae, text_encoder=None,
                                             tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                                             text_encoder_3=None, tokenizer_3=None)
+        elif kind == "flux":
+            model = FluxTransformer2DModel.from_config(read_config(config_dir, names["denoiser"], tiny))
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(read_config(config_dir, names["scheduler"], tiny))
+            pipe = FluxPipeline(transformer=model, scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
+                                text_encoder_2=None, tokenizer_2=None)
         else:  # progrpo.load_pipeline swaps SD1's PNDM scheduler for DDIM with the same config
             model = UNet2DConditionModel.from_config(read_config(config_dir, names["denoiser"], tiny))
             scheduler = DDIMScheduler.from_config(read_config(config_dir, names["scheduler"], tiny))
@@ -166,11 +180,17 @@ def stand_in_text(pipe, n_prompts, args, generator):
     """Random conditioning of the shapes progrpo.encode_prompts returns: the prompts' rows and the negative's.
 
     SD3: embeds (B, 77 + max_sequence_length, joint_attention_dim), pooled (B, pooled_projection_dim); SD1: embeds
-    (B, 77, cross_attention_dim); `negative` one row of each. In the frozen encoders' dtype, as theirs would be.
+    (B, 77, cross_attention_dim); `negative` one row of each. FLUX: embeds (B, max_sequence_length,
+    joint_attention_dim), pooled (B, pooled_projection_dim), no negative (distilled guidance). In the frozen encoders'
+    dtype, as theirs would be.
     """
     model = denoiser(pipe)
     kw = dict(generator=generator, device=model.device)
     dtype = DTYPES[args.mixed_precision]
+    if type(pipe).__name__ == "FluxPipeline":
+        return dict(embeds=torch.randn(n_prompts, args.max_sequence_length, model.config.joint_attention_dim,
+                                       **kw).to(dtype),
+                    pooled=torch.randn(n_prompts, model.config.pooled_projection_dim, **kw).to(dtype))
     if hasattr(pipe, "transformer"):
         length, width = 77 + args.max_sequence_length, model.config.joint_attention_dim
         rows = dict(embeds=torch.randn(n_prompts + 1, length, width, **kw).to(dtype),
@@ -345,7 +365,8 @@ def report(r, device, tiny):
         f"   peak memory sampling: {r['peak_sample']:.3f} {memory}; a full epoch's {r['per_rank']} prompts hold "
         f"~{r['extra_latents']:.3f} GiB more latents",
         f"   peak memory update: {r['peak_update']:.3f} {memory}",
-        f"   seconds per guided evaluation: {r['s_eval']:.4e} (CFG pair, micro-batch {a.sample_batch_size})",
+        f"   seconds per guided evaluation: {r['s_eval']:.4e} (a CFG pair or one distilled call, micro-batch "
+        f"{a.sample_batch_size})",
         f"   seconds per decoded and scored image: {r['s_image']:.4e} (micro-batch {a.reward_batch_size})",
         f"   seconds per trained step: {r['s_step']:.4e} (one trajectory-step: forward"
         f"{', reference forward' if a.beta > 0 else ''}, backward; micro-batch {a.train_batch_size})",

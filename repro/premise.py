@@ -10,10 +10,10 @@ final rewards cluster (else the full group already teaches well). This measures 
     python -m repro.premise path/to/pipeline --reward my.module.Reward --prompts prompts.txt --num_steps 20
     bash run.sh premise sd35                     (run.sh fetches the preset's prompts first)
 
-TARGET is a run.sh preset (demo or digits, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline, sd14-multi; its
-flags are read from run.sh) or a diffusers folder / hub id, which needs --reward. Every progrpo.py flag may follow
-and overrides the preset's (--group_size, --prune, --seed, --num_steps, --guidance_scale, ...); the check's own
-flags are --num_prompts, --continuations and --steps.
+TARGET is a run.sh preset (demo or digits, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline, sd14-multi, flux,
+flux-baseline; its flags are read from run.sh) or a diffusers folder / hub id, which needs --reward. Every progrpo.py
+flag may follow and overrides the preset's (--group_size, --prune, --seed, --num_steps, --guidance_scale, ...); the
+check's own flags are --num_prompts, --continuations and --steps.
 
 What it does, on the base model, with progrpo's own sampler (rollout, predict, sampler_step, project_x0, score):
   1. Prompts: the first --num_prompts of training's epoch-0 draw. Per prompt, progrpo.rollout samples the group
@@ -60,7 +60,8 @@ from progrpo import RunError
 from repro.diagnostics import spearman
 
 ROOT = Path(__file__).resolve().parent.parent
-PRESETS = ("demo", "sd35", "sd35-flash", "sd35-baseline", "sd14", "sd14-baseline", "sd14-multi")  # run.sh's
+PRESETS = ("demo", "sd35", "sd35-flash", "sd35-baseline", "sd14", "sd14-baseline", "sd14-multi", "flux",
+           "flux-baseline")  # run.sh's
 ALIASES = {"digits": "demo"}
 GPU_PRESETS = PRESETS[1:]
 DEFAULT_PROMPTS = {"demo": 40, None: 8}  # --num_prompts: the digits model takes ~1 s a prompt on a CPU core
@@ -444,7 +445,8 @@ def parse_args(argv=None):
     override the target's."""
     parser = Parser(description=__doc__.split("\n")[0], usage="python -m repro.premise TARGET [--flag VALUE ...]")
     parser.add_argument("target", help="demo | digits | sd35 | sd35-flash | sd35-baseline | sd14 | sd14-baseline | "
-                                       "sd14-multi | a diffusers folder or hub id (then --reward is needed)")
+                                       "sd14-multi | flux | flux-baseline | a diffusers folder or hub id (then --reward "
+                                       "is needed)")
     parser.add_argument("--num_prompts", type=int, default=None,
                         help=f"prompts (groups) measured; default {DEFAULT_PROMPTS['demo']} on demo, "
                              f"{DEFAULT_PROMPTS[None]} otherwise")

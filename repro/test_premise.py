@@ -15,7 +15,7 @@ import torch
 import progrpo
 from progrpo import RunError
 from repro import eval as ev
-from repro import premise
+from repro import preflight, premise
 from repro.flops import FLOPS_PRESETS
 from repro.tiny import colour_reward
 
@@ -97,11 +97,16 @@ def test_clustering_of_equal_and_gaussian_rewards():
 
 
 def test_run_sh_presets_are_read_as_run_sh_gives_them():
-    """Each preset's flags, read from run.sh, are those of flops/preflight (group, schedule) and eval (model, CFG),
-    and sd14's per-GPU prompt count is evaluated for one GPU."""
+    """Each preset's flags, read from run.sh, are those of flops/preflight (group, schedule, the rest of FLUX's) and
+    eval (model, CFG), and sd14's per-GPU prompt count is evaluated for one GPU."""
     for name, (_, flags) in FLOPS_PRESETS.items():
         args = progrpo.parse_args(premise.run_sh_flags(name))
         assert (args.group_size, args.prune) == (flags["group_size"], flags["prune"]), name
+        assert all(getattr(args, key) == value for key, value in flags.items()), name
+        if name.startswith("flux"):  # eval has no FLUX preset: preflight's copy of run.sh's FLUX array
+            assert args.pretrained_model_name_or_path == "black-forest-labs/FLUX.1-dev"
+            assert {key: getattr(args, key) for key in preflight.RUN_SH_FLAGS["flux"]} == preflight.RUN_SH_FLAGS["flux"]
+            continue
         family = "sd35" if name.startswith("sd35") else "sd14"
         for key in ("pretrained_model_name_or_path", "guidance_scale", "mixed_precision", "resolution"):
             assert getattr(args, key) == ev.PRESETS[family]["flags"][key], (name, key)
@@ -168,5 +173,5 @@ def test_run_sh_premise_refuses_bad_input_in_one_line(tmp_path):
                             text=True, env=env, timeout=300)
     assert result.returncode == 2 and result.stderr.splitlines() == [
         "error: 'no/such/model' is not a preset (demo, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline, "
-        "sd14-multi, digits): as a model it needs --reward (a module.attr reward factory, e.g. "
+        "sd14-multi, flux, flux-baseline, digits): as a model it needs --reward (a module.attr reward factory, e.g. "
         "repro.scorers.PickScore)"]

@@ -56,11 +56,22 @@ def test_sampling_and_update_flops_are_per_call_times_counts(tiny):
 
 
 def test_flops_table_builds_for_the_real_architectures():
-    """SD3.5-M and SD-v1.4 on meta, offline: the paper's per-image costs, its NFE counts, its ordering and scale."""
+    """SD3.5-M, SD-v1.4 and FLUX.1-dev on meta, offline: the paper's per-image costs, its NFE counts, its ordering and
+    scale; FLUX's per-call FLOPs as its architecture gives them by hand."""
     real = flops.preset_flops(ROOT / "configs")
     TERA, paper = 1e12, flops.PAPER_TFLOPS
-    nfe = {"sd35": 360, "sd35-flash": 200, "sd35-baseline": 240, "sd14": 1880, "sd14-baseline": 800}
+    nfe = {"sd35": 360, "sd35-flash": 200, "sd35-baseline": 240, "sd14": 1880, "sd14-baseline": 800,
+           "flux": 4 * 48 + 24 + 12, "flux-baseline": 6 * 24}
     assert {n: r["nfe"] for n, r in real.items()} == nfe
+    # FLUX.1-dev at 512 px: 1024 image + 128 text tokens, one call (distilled guidance). Per token the 19 double-stream
+    # blocks apply 113.2M weights to each stream (attention q, k, v, out 4 x 3072^2; MLP 2 x 3072 x 12288), the 38
+    # single-stream blocks 113.2M to all (q, k, v 3 x 3072^2; MLP in 3072 x 12288, out 15360 x 3072), 2 FLOPs each;
+    # attention 4 x 1152^2 x 3072 per block; embedders and the output layer about 0.1: 15.9 TFLOPs
+    by_hand = 2 * 113.2e6 * (19 * (1024 + 128) + 38 * 1152) + 57 * 4 * 1152**2 * 3072
+    fx = real["flux"]["per_call"]
+    assert abs(fx["model"] / by_hand - 1) < 0.03 and fx["reference"] < fx["model"] < fx["train"] < 3 * fx["model"]
+    assert fx["decode"] == real["sd35"]["per_call"]["decode"]  # SD3.5-M's VAE architecture, 16 latent channels
+    assert real["flux"]["image_tokens"] == 1024 and real["flux-baseline"]["total"] > real["flux"]["total"]
     pc = real["sd35"]["per_call"]
     assert abs(pc["decode"] / TERA / flops.PAPER_DECODE_TFLOPS - 1) < 0.03  # the SD3 VAE decoder at 512 px: 2.51 vs 2.49
     assert abs(pc["reward_image"] / TERA / flops.PAPER_REWARD_TFLOPS - 1) < 0.03  # CLIP-H's image tower: 0.335 vs 0.34
