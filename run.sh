@@ -25,13 +25,13 @@ install_env() {  # install_env PYTHON CONSTRAINTS: torch as this machine needs i
     if command -v nvidia-smi >/dev/null 2>&1; then  # the CUDA build pins its own triton and nvidia-* wheels
         grep -v '^triton==' "$constraints" > "$constraints.cuda"
         constraints="$constraints.cuda"
-        "$py" -m pip install -q "torch==$torch_version"
+        "$py" -m pip install -q "torch==$torch_version" || return
     else  # plain `pip install torch` would pull a multi-GB CUDA build onto a CPU-only machine: the CPU index
           # offers the +cpu build, which pip prefers; where that index is unreachable it fails fast
         "$py" -m pip install -q "torch==$torch_version" --extra-index-url https://download.pytorch.org/whl/cpu \
-            --retries 0 --timeout 10
+            --retries 0 --timeout 10 || return
     fi
-    "$py" -m pip install -q -r requirements.txt -c "$constraints"
+    "$py" -m pip install -q -r requirements.txt -c "$constraints" || return  # (set -e is off inside `if` and `||`)
     # open_clip's own code checks our HPSv2.1 scorer; --no-deps: its torchvision would not load beside CPU torch
     "$py" -m pip install -q --no-deps -c "$constraints" open_clip_torch ftfy wcwidth
 }

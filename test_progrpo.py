@@ -1142,7 +1142,7 @@ def test_run_sh_refuses_an_unknown_preset_or_a_flag_its_preset_cannot_take(tmp_p
 STAND_IN_PYTHON = """#!/bin/sh
 case "$*" in  # the throwaway venv's python: pip installs nothing, freeze prints FREEZE, pytest says SUITE's verdict
     "-m pip freeze"*) cat "$FREEZE" ;;
-    "-m pip"*) ;;
+    "-m pip"*) [ "$SUITE" != uninstallable ] ;;
     "-m pytest"*) if [ "$SUITE" = pass ]; then echo "3 passed in 0.01s"; exit 0; fi
                   echo "FAILED test_progrpo.py::test_x - AssertionError"; echo "1 failed, 2 passed in 0.01s"; exit 1 ;;
     *platform*) echo 3.11.7 ;;
@@ -1151,10 +1151,11 @@ esac
 """
 
 
-@pytest.mark.parametrize("suite", ["fail", "pass"])
+@pytest.mark.parametrize("suite", ["uninstallable", "fail", "pass"])
 def test_run_sh_lock_rewrites_the_lock_only_when_the_suite_passes(tmp_path, suite):
-    """`bash run.sh lock` under newer versions (a stand-in venv reports transformers 99.0): a failing suite prints the
-    failing test and the versions that moved, exits 1 and leaves the lock as it was; a passing one rewrites it."""
+    """`bash run.sh lock` under newer versions (a stand-in venv reports transformers 99.0): a set pip cannot install,
+    or a failing suite (its failing test and the versions that moved printed), exits 1 and leaves the lock as it
+    was; a passing suite rewrites it."""
     for name in ("run.sh", "requirements.txt", "requirements.lock"):
         (tmp_path / name).write_bytes((ROOT / name).read_bytes())
     lock = (ROOT / "requirements.lock").read_text()
@@ -1171,7 +1172,9 @@ def test_run_sh_lock_rewrites_the_lock_only_when_the_suite_passes(tmp_path, suit
     result = subprocess.run(["bash", str(tmp_path / "run.sh"), "lock"], capture_output=True, text=True, env=env,
                             timeout=120)
     new_lock = (tmp_path / "requirements.lock").read_text()
-    if suite == "fail":
+    if suite == "uninstallable":
+        assert result.returncode == 1 and "that set does not install" in result.stderr and new_lock == lock
+    elif suite == "fail":
         assert result.returncode == 1 and "FAILED test_progrpo.py::test_x" in result.stderr, result.stderr
         assert "under the new versions: transformers==99.0" in result.stderr and new_lock == lock
     else:
