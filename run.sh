@@ -195,7 +195,7 @@ FLUX=(--pretrained_model_name_or_path black-forest-labs/FLUX.1-dev --reward repr
       --sample_batch_size 3 --train_batch_size 3)
 
 case "$preset" in
-    demo)           # Pro-GRPO on the pretrained digits model and its learned reward (repro/digits.py), ~4-10 min
+    demo)           # Pro-GRPO on the pretrained digits model and its learned reward (repro/digits.py), 90 s idle
         [ -f repro/digits/pipeline/model_index.json ] || "$PY" -m repro.digits make
         "$PY" progrpo.py --pretrained_model_name_or_path repro/digits/pipeline --reward repro.digits.DigitReward \
             --prompts repro/digits/train.txt --eval_prompts repro/digits/eval.txt --num_eval_prompts 20 \
@@ -228,7 +228,7 @@ case "$preset" in
         fi
         "$tmp/venv/bin/python" -m pip freeze --exclude-editable | sed 's/^\(torch==[^+]*\)+.*/\1/' > "$tmp/freeze.txt"
         changes="$(diff <(grep -v '^#' "$LOCK") "$tmp/freeze.txt" | sed -n 's/^> //p' | tr '\n' ' ')" || true
-        echo "lock: new versions: ${changes:-none}; running the suite with them (about 10 minutes on 2 cores)"
+        echo "lock: new versions: ${changes:-none}; running the suite with them (6 to 15 minutes on 2 cores)"
         mkdir -p outputs/lock
         if ! HF_HUB_OFFLINE=1 "$tmp/venv/bin/python" -m pytest -q -p no:cacheprovider test_progrpo.py progrpo_kernels \
                 repro > outputs/lock/pytest.log 2>&1; then
