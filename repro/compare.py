@@ -16,13 +16,18 @@ small hyperparameter grid applied identically to every method and several seeds.
 4. The paper's Figure 2 question: does the OVF subset beat the full group it was taken from, and a uniform random
    subset of the same size? static-ovf vs grpo-expanded and uniform-subset at equal updates (the same epochs: one
    update per epoch each) and at equal compute (1.).
-5. Diagnostics on the base model (--diagnose_epochs N): N epochs of Pro-GRPO rollouts replayed unpruned
+5. Paired differences: Pro-GRPO minus each method, seed by seed at their best cells (a seed fixes the prompts
+   drawn and the evaluation's noise), and the base model's eval reward per seed, where every run starts.
+6. --methods picks the arms: the five of COMPARE_METHODS (default) or the ablations of Pro-GRPO (ABLATIONS: early
+   and late checkpoints, G_max 32), `bash run.sh compare shapes-ablation`.
+7. Diagnostics on the base model (--diagnose_epochs N): N epochs of Pro-GRPO rollouts replayed unpruned
    (repro.diagnostics.audit_rollout), giving proxy fidelity per pruning checkpoint, reward clustering and the
    paper's Figure 1 histogram.
 
 A run whose output folder already holds a finished run of exactly the same flags (config.json's args, and one
 metrics.jsonl line per epoch) is read back, not rerun, so an interrupted comparison resumes and the report can
-be redrawn. Writes comparison.md, comparison.png and (with diagnostics) advantage_histogram.png in --output_dir.
+be redrawn. Writes comparison.md, comparison.png, base-seed*.png (the base model's eval samples) and (with diagnostics)
+advantage_histogram.png in --output_dir.
 """
 
 import argparse
@@ -55,6 +60,17 @@ def per_call_flops(args):
     return call_flops(pipe, reward_fn, text, prompt, args)
 
 
+def base_rewards(args, seeds, out):
+    """The base model's eval reward for each seed (evaluation's ODE noise follows the seed): where every run starts."""
+    pipe = progrpo.load_pipeline(args.pretrained_model_name_or_path, progrpo.DTYPES[args.mixed_precision],
+                                 args.full_finetune)
+    reward_fn = progrpo.build_reward(args.reward, torch.device("cpu"))
+    prompts = progrpo.read_prompts(args.eval_prompts)[:args.num_eval_prompts]
+    with torch.no_grad():
+        return [progrpo.evaluate(pipe, reward_fn, prompts, dataclasses.replace(args, seed=seed),
+                                 out / f"base-seed{seed}.png") for seed in range(seeds)]
+
+
 def epoch_total_flops(args, per_call=None):
     """FLOPs of one epoch of `args`: the per-call FLOPs (counted here unless given) x the schedule's counts."""
     return epoch_flops(per_call or per_call_flops(args), args, progrpo.validate(args))["total"]
@@ -67,6 +83,12 @@ COMPARE_METHODS = {  # the demo task's five ways to spend the same compute (`bas
     "static-ovf": dict(group_size=16, prune="none", ovf_after_sampling=4),  # sample 16, train the max-variance 4
     "pro-grpo": dict(group_size=16, prune="5:8,7:4"),  # expand 16, prune to 8 then 4 inside the loop
 }
+ABLATIONS = {  # the paper's ablations of Pro-GRPO at a CPU budget (`bash run.sh compare shapes-ablation`)
+    "pro-grpo-early": dict(group_size=16, prune="3:8,5:4"),  # checkpoints earlier than the paper's 5, 7 of 10
+    "pro-grpo-late": dict(group_size=16, prune="7:8,8:4"),  # where the premise check finds the proxy informed
+    "pro-grpo-g32": dict(group_size=32, prune="5:16,7:4"),  # G_max 32 (and 16 in pro-grpo), the same 4 trained
+}
+METHODS = {**COMPARE_METHODS, **ABLATIONS}
 GRID_FLAGS = {"learning_rate": "lr", "clip_range": "clip"}  # the flags a grid may vary, and their short names
 
 
@@ -208,10 +230,29 @@ def diagnose(args, epochs, out):
             f"{share}.\n\n![advantages, full group vs survivors](advantage_histogram.png)\n")
 
 
-def compare(args, seeds, max_flops, grid=None, jobs=1, diagnose_epochs=0):
-    """Runs every method of COMPARE_METHODS at every cell of `grid` (flag -> values; default: args' own learning
-    rate and clip range) for `seeds` seeds, each until it has spent `max_flops`, then writes comparison.md and
-    reward-vs-FLOPs / reward-vs-time plots (each method at its best cell) into args.output_dir."""
+def paired_rows(table, best, reference="pro-grpo"):
+    """Per method, `reference` minus it at both at their best cells, seed by seed (a seed fixes the prompts drawn
+    and the eval prompts, so the difference pairs like with like): mean +- std and the seeds where it is > 0."""
+    if reference not in best:
+        return []
+    rows = [f"| {reference} minus | at matched FLOPs | seeds > 0 | at matched wall-clock | seeds > 0 |",
+            "|---|---|---|---|---|"]
+    ref = table[reference, best[reference]]
+    for name, cell in best.items():
+        if name != reference:
+            cells = []
+            for key in ("final", "at_horizon"):
+                gaps = np.subtract(ref[key], table[name, cell][key])
+                cells += [f"{np.mean(gaps):+.3f} +- {np.std(gaps):.3f}", f"{int((gaps > 0).sum())} of {len(gaps)}"]
+            rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def compare(args, seeds, max_flops, grid=None, jobs=1, diagnose_epochs=0, methods=None):
+    """Runs every method of `methods` (name -> flag changes; default COMPARE_METHODS) at every cell of `grid` (flag ->
+    values; default: args' own learning rate and clip range) for `seeds` seeds, each until it has spent `max_flops`,
+    then writes comparison.md and reward-vs-FLOPs / reward-vs-time plots (each method at its best cell) into
+    args.output_dir."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,7 +264,8 @@ def compare(args, seeds, max_flops, grid=None, jobs=1, diagnose_epochs=0):
     out.mkdir(parents=True, exist_ok=True)
     per_epoch, runs = {}, {}
     per_call = per_call_flops(args)  # the model, VAE and reward loaded once for all the methods
-    for name, changes in COMPARE_METHODS.items():
+    methods = methods or COMPARE_METHODS
+    for name, changes in methods.items():
         method = dataclasses.replace(args, **changes)
         per_epoch[name] = epoch_total_flops(method, per_call)
         method = dataclasses.replace(method, num_epochs=math.ceil(max_flops / per_epoch[name]))  # first at budget
@@ -234,6 +276,7 @@ def compare(args, seeds, max_flops, grid=None, jobs=1, diagnose_epochs=0):
     histories = run_all({key: runs[key] for key in order}, jobs)
     results = {(n, c): [histories[n, c, s] for s in range(seeds)] for n, c, s in runs if s == 0}
     table, best, horizon = summarise(results, per_epoch)
+    base = base_rewards(args, seeds, out)
 
     rows = ["| method | grid cell | epochs | TFLOPs | train s, mean | final eval reward | eval reward at "
             f"{horizon:.0f} s |", "|---|---|---|---|---|---|---|"]
@@ -243,13 +286,16 @@ def compare(args, seeds, max_flops, grid=None, jobs=1, diagnose_epochs=0):
                     f"| {mean_std(r['final'])} | {mean_std(r['at_horizon'])} |")
     best_rows = ["| method | best cell | final eval reward (matched FLOPs) | per seed | eval reward at "
                  f"{horizon:.0f} s (matched wall-clock) | per seed |", "|---|---|---|---|---|---|"]
+    best_rows.append(f"| base model (no update) | - | {mean_std(base)} | {', '.join(f'{v:.3f}' for v in base)} | "
+                     f"{mean_std(base)} | - |")
     for name, cell in best.items():
         r = table[name, cell]
         best_rows.append(f"| {name} | {cell} | {mean_std(r['final'])} | {', '.join(f'{v:.3f}' for v in r['final'])} "
                          f"| {mean_std(r['at_horizon'])} | {', '.join(f'{v:.3f}' for v in r['at_horizon'])} |")
     fig2 = ["| grid cell | epoch | grpo-expanded (16 trained) | uniform-subset (random 4 of 16) | static-ovf (OVF 4 of "
             "16) | static - uniform | static - expanded |", "|---|---|---|---|---|---|---|"]
-    fig2 += figure2_rows(results, [cell_name(c) for c in cells])
+    fig2 += figure2_rows(results, [cell_name(c) for c in cells]) if "static-ovf" in methods else []
+    paired = paired_rows(table, best)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, cell in best.items():
@@ -272,9 +318,11 @@ def compare(args, seeds, max_flops, grid=None, jobs=1, diagnose_epochs=0):
     report = (f"# Matched-compute comparison\n\nBudget {max_flops / 1e12:.3f} TFLOPs per run, {seeds} seeds, grid "
               f"{grid_text}, reward '{args.reward}', model '{args.pretrained_model_name_or_path}'. Mean +- std over "
               f"seeds; best cell = highest final eval reward, mean over seeds; plot bands span min to max over seeds."
-              f"\n\n## Best cell per method\n\n" + "\n".join(best_rows) + "\n\n## Full grid\n\n" + "\n".join(rows)
-              + "\n\n## Does the OVF subset beat its full group and a random subset? (equal updates)\n\n"
-              + "\n".join(fig2)
+              f"\n\n## Best cell per method\n\n" + "\n".join(best_rows)
+              + ("\n\n## Paired differences (best cells, seed by seed)\n\n" + "\n".join(paired) if paired else "")
+              + "\n\n## Full grid\n\n" + "\n".join(rows)
+              + ("\n\n## Does the OVF subset beat its full group and a random subset? (equal updates)\n\n"
+                 + "\n".join(fig2) if "static-ovf" in methods else "")
               + "\n\n![reward against compute and time](comparison.png)\n")
     if diagnose_epochs:
         report += "\n" + diagnose(args, diagnose_epochs, out)
@@ -301,6 +349,8 @@ def parse(argv=None):
     parser.add_argument("--grid_learning_rate", help="comma list of learning rates (default: --learning_rate)")
     parser.add_argument("--grid_clip_range", help="comma list of clip ranges (default: --clip_range)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, one process each")
+    parser.add_argument("--methods", default=",".join(COMPARE_METHODS),
+                        help=f"comma list of methods to run, from {', '.join(METHODS)}")
     parser.add_argument("--diagnose_epochs", type=int, default=0,
                         help="epochs of base-model rollouts for proxy fidelity and the Figure 1 histogram (0 = none)")
     ours, rest = parser.parse_known_args(argv)
@@ -309,14 +359,17 @@ def parse(argv=None):
                      f"--max_flops must be positive and finite (got {ours.max_flops})"),
                     (ours.jobs < 1, f"--jobs must be at least 1 (got {ours.jobs})"),
                     (ours.diagnose_epochs < 0, f"--diagnose_epochs must be at least 0 (got {ours.diagnose_epochs})")])
+    unknown = [m for m in ours.methods.split(",") if m not in METHODS]
+    progrpo.refuse([(bool(unknown), f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")])
+    methods = {m: METHODS[m] for m in ours.methods.split(",")}
     args = progrpo.parse_args(rest)
     grid = {"learning_rate": parse_list(ours.grid_learning_rate, "--grid_learning_rate")
             if ours.grid_learning_rate else [args.learning_rate],
             "clip_range": parse_list(ours.grid_clip_range, "--grid_clip_range")
             if ours.grid_clip_range else [args.clip_range]}
-    for changes, cell in itertools.product(COMPARE_METHODS.values(), grid_cells(grid)):  # every run, before any model
+    for changes, cell in itertools.product(methods.values(), grid_cells(grid)):  # every run, before any model loads
         progrpo.validate(dataclasses.replace(args, **changes, **cell))
-    return args, ours.seeds, ours.max_flops, grid, ours.jobs, ours.diagnose_epochs
+    return args, ours.seeds, ours.max_flops, grid, ours.jobs, ours.diagnose_epochs, methods
 
 
 if __name__ == "__main__":

@@ -172,6 +172,27 @@ def test_best_cell_matched_time_and_equal_updates_by_hand():
     assert [r.split(" | ")[1] for r in rows] == ["0", "2", "4"] and rows[1].endswith("| +1.000 |")
 
 
+def test_paired_differences_by_hand():
+    """Pro-GRPO minus each method at their best cells, seed by seed: mean +- population std and the seeds where it
+    is positive, at matched FLOPs and matched time; no table without pro-grpo."""
+    table = {("pro-grpo", "a"): dict(final=[0.5, 0.7, 0.6], at_horizon=[0.4, 0.4, 0.4]),
+             ("grpo", "b"): dict(final=[0.4, 0.7, 0.8], at_horizon=[0.4, 0.3, 0.2])}
+    rows = compare.paired_rows(table, {"pro-grpo": "a", "grpo": "b"})
+    # final gaps 0.1, 0.0, -0.2: mean -0.033, std 0.125; time gaps 0, 0.1, 0.2: mean 0.1, std 0.082
+    assert rows[2] == "| grpo | -0.033 +- 0.125 | 1 of 3 | +0.100 +- 0.082 | 2 of 3 |"
+    assert compare.paired_rows(table, {"grpo": "b"}) == []
+
+
+def test_methods_flag_picks_arms_and_refuses_unknown_ones(monkeypatch):
+    """--methods takes any of the comparison's arms and the ablations (validated before any model loads) and names
+    an unknown one in one line."""
+    monkeypatch.setattr(progrpo, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    *_, methods = compare.parse(["--methods", "pro-grpo,pro-grpo-early,pro-grpo-g32"])
+    assert methods == {name: compare.METHODS[name] for name in ("pro-grpo", "pro-grpo-early", "pro-grpo-g32")}
+    with pytest.raises(progrpo.RunError, match="--methods: unknown grpo-huge"):
+        compare.parse(["--methods", "grpo,grpo-huge"])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Diagnostics: proxy fidelity and reward clustering
 # ---------------------------------------------------------------------------------------------------
