@@ -5,15 +5,16 @@ trajectories roughly as their final rewards will (else OVF on the proxies keeps 
 final rewards cluster (else the full group already teaches well). This measures both before any GPU-day is spent:
 
     python -m repro.premise demo                 # the digits model at the demo's settings (CPU, minutes)
+    python -m repro.premise shapes               # the compositional shapes testbed (repro/shapes.py; CPU, minutes)
     python -m repro.premise sd35                 # run.sh's sd35 flags (GPU: SD3.5-M, PickScore, G = 48)
     python -m repro.premise sd14 --num_prompts 4 # SD-v1.4, T = 50: steps 5, 10, ..., 45 by default
     python -m repro.premise path/to/pipeline --reward my.module.Reward --prompts prompts.txt --num_steps 20
     bash run.sh premise sd35                     (run.sh fetches the preset's prompts first)
 
-TARGET is a run.sh preset (demo or digits, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline, sd14-multi, flux,
-flux-baseline; its flags are read from run.sh) or a diffusers folder / hub id, which needs --reward. Every progrpo.py
-flag may follow and overrides the preset's (--group_size, --prune, --seed, --num_steps, --guidance_scale, ...); the
-check's own flags are --num_prompts, --continuations and --steps.
+TARGET is a run.sh preset (demo or digits, shapes, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline, sd14-multi,
+flux, flux-baseline; its flags are read from run.sh) or a diffusers folder / hub id, which needs --reward. Every
+progrpo.py flag may follow and overrides the preset's (--group_size, --prune, --seed, --num_steps, --guidance_scale,
+...); the check's own flags are --num_prompts, --continuations and --steps.
 
 What it does, on the base model, with progrpo's own sampler (rollout, predict, sampler_step, project_x0, score):
   1. Prompts: the first --num_prompts of training's epoch-0 draw. Per prompt, progrpo.rollout samples the group
@@ -60,11 +61,11 @@ from progrpo import RunError
 from repro.diagnostics import spearman
 
 ROOT = Path(__file__).resolve().parent.parent
-PRESETS = ("demo", "sd35", "sd35-flash", "sd35-baseline", "sd14", "sd14-baseline", "sd14-multi", "flux",
+PRESETS = ("demo", "shapes", "sd35", "sd35-flash", "sd35-baseline", "sd14", "sd14-baseline", "sd14-multi", "flux",
            "flux-baseline")  # run.sh's
 ALIASES = {"digits": "demo"}
-GPU_PRESETS = PRESETS[1:]
-DEFAULT_PROMPTS = {"demo": 40, None: 8}  # --num_prompts: the digits model takes ~1 s a prompt on a CPU core
+GPU_PRESETS = PRESETS[2:]
+DEFAULT_PROMPTS = {"demo": 40, "shapes": 40, None: 8}  # --num_prompts: demo ~1 s a prompt on a CPU core
 CLUSTER_SIZES = (8, 16, 48)  # group sizes the clustering is reported at
 CLUSTER_POOL = max(CLUSTER_SIZES)  # trajectories sampled per prompt (at least G) for the clustering
 MIN_GAIN = 0.5  # the rule: the proxies' kept set at least half-way from chance to the best subset ...
@@ -444,11 +445,11 @@ def parse_args(argv=None):
     """(target, progrpo flags given, the check's options). progrpo's flags default to SUPPRESS: only those given
     override the target's."""
     parser = Parser(description=__doc__.split("\n")[0], usage="python -m repro.premise TARGET [--flag VALUE ...]")
-    parser.add_argument("target", help="demo | digits | sd35 | sd35-flash | sd35-baseline | sd14 | sd14-baseline | "
-                                       "sd14-multi | flux | flux-baseline | a diffusers folder or hub id (then --reward "
-                                       "is needed)")
+    parser.add_argument("target", help="demo | digits | shapes | sd35 | sd35-flash | sd35-baseline | sd14 | "
+                                       "sd14-baseline | sd14-multi | flux | flux-baseline | a diffusers folder or hub "
+                                       "id (then --reward is needed)")
     parser.add_argument("--num_prompts", type=int, default=None,
-                        help=f"prompts (groups) measured; default {DEFAULT_PROMPTS['demo']} on demo, "
+                        help=f"prompts (groups) measured; default {DEFAULT_PROMPTS['demo']} on demo and shapes, "
                              f"{DEFAULT_PROMPTS[None]} otherwise")
     parser.add_argument("--continuations", type=int, default=2,
                         help="independent continuations from each measured x_t, the trajectory's own included")
@@ -510,7 +511,7 @@ def main(argv=None):
     k = keeps[0]  # the first checkpoint's survivors: the per-step kept-set measure keeps as many
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and ALIASES.get(own["target"], own["target"]) in GPU_PRESETS:
-        print(f"note: no GPU here; {own['target']}'s real model on a CPU takes hours (the CPU target is `demo`)")
+        print(f"note: no GPU here; {own['target']}'s real model on a CPU takes hours (the CPU targets: demo, shapes)")
     train_prompts = progrpo.read_prompts(args.prompts, "--prompts")
     reward_fn = progrpo.build_reward(args.reward, device)
     pipe = progrpo.load_pipeline(args.pretrained_model_name_or_path, progrpo.DTYPES[args.mixed_precision],

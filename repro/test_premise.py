@@ -141,6 +141,21 @@ def test_command_on_the_tiny_pipeline(tiny_dir, tmp_path):
     assert torch.allclose(samples["rewards"], finals[1, :4], atol=1e-5)
 
 
+def test_command_on_the_shapes_testbed_at_tiny_size(tmp_path):
+    """`premise shapes` reads run.sh's shapes preset (the shipped model, its checker, training's prompts) and runs
+    end to end at tiny size: one prompt, G = 4, two measured steps. Every reward is a share of the prompt's
+    constraints (k / 4, k / 7 or k / 8), and the proxies' kept set is never better than the finals'."""
+    report = premise.main(["shapes", "--num_prompts", "1", "--group_size", "4", "--prune", "5:2", "--steps", "3,5",
+                           "--output_dir", str(tmp_path)])
+    assert report["setting"]["model"] == "repro/shapes/pipeline" and report["setting"]["steps"] == [3, 5]
+    assert report["setting"]["reward"] == "repro.shapes.ShapesReward" and (tmp_path / "premise.png").is_file()
+    finals = torch.tensor(report["raw"]["finals"]).flatten()
+    shares = torch.stack([finals * n for n in (4, 7, 8)])
+    assert ((shares - shares.round()).abs().min(0).values < 1e-5).all() and finals.min() >= 0 and finals.max() <= 1
+    ratios = [r for s in report["steps"] for r in s["per_group"]["kept_ratio"] if r == r]
+    assert all(r <= 1 + 1e-9 for r in ratios)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["no/such/model"], "as a model it needs --reward"),
     (["demo", "--num_prompts", "0"], "--num_prompts must be at least 1"),
