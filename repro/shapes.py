@@ -45,6 +45,7 @@ All of it is saved as a StableDiffusion3Pipeline folder (repro/shapes/pipeline) 
 Run:
   python -m repro.shapes make            # rebuild the shipped weights and prompt files (~28 min on 1 core)
   python -m repro.shapes eval            # base model: accuracy per category, held out and trained (~5 min)
+  python -m repro.shapes spread          # what a training group can teach: constraints met by none/all/some (~1 min)
   python progrpo.py ... --reward repro.shapes.ShapesReward --prompts repro/shapes/train.txt \\
       --eval_prompts repro/shapes/eval.txt
 """
@@ -549,9 +550,32 @@ def evaluate(pipe, specs, guidance_scale, per_prompt=1, num_steps=10, seed=0):
     return table, satisfied, checks
 
 
+def constraint_spread(pipe, num_prompts=40, group_size=16, seed=0):
+    """What a group can teach: training's SDE groups (progrpo.rollout at progrpo's defaults: noise 0.7, CFG 4.5,
+    10 steps) for the first `num_prompts` of training's epoch-0 draw, as `repro.premise shapes` measures them.
+    A constraint met by none or by all of a group's members gives every member the same share of it, so no
+    group-relative advantage can move it. Returns the shares of (prompt, constraint) met by none, all, some."""
+    args = progrpo.Args(resolution=RESOLUTION, max_sequence_length=MAX_SEQUENCE_LENGTH, group_size=group_size,
+                        prune="none", mixed_precision="no", sample_batch_size=48, decode_batch_size=48, seed=seed,
+                        reward="repro.shapes.ShapesReward")
+    train = progrpo.read_prompts(str(HERE / "train.txt"))
+    g = torch.Generator().manual_seed(progrpo.trajectory_seed(seed, 0, "prompts", 0))  # progrpo.main's draw
+    prompts = [train[i] for i in torch.randperm(len(train), generator=g)[:num_prompts].tolist()]
+    text = progrpo.encode_prompts(pipe, prompts, MAX_SEQUENCE_LENGTH)
+    reward_fn = progrpo.build_reward(args.reward, torch.device("cpu"))
+    with torch.no_grad():
+        samples, _, _ = progrpo.rollout(pipe, text, prompts, reward_fn, args, 0, [])
+        images = progrpo.decode(pipe, samples["latents"][:, -1])
+    _, checks = score(images, [prompts[p] for p in samples["prompt_idx"].tolist()])
+    groups = [checks[i:i + group_size] for i in range(0, len(checks), group_size)]
+    met = [[c[k] for c in group] for group in groups for k in group[0]]  # one list of G bools per constraint
+    never, always = sum(not any(m) for m in met) / len(met), sum(all(m) for m in met) / len(met)
+    return dict(never=never, always=always, some=1 - never - always, constraints=len(met))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["make", "eval"])
+    parser.add_argument("command", choices=["make", "eval", "spread"])
     parser.add_argument("--out", default=str(HERE), help="folder for pipeline/, train.txt and eval.txt (make)")
     parser.add_argument("--steps", type=int, default=8000, help="pretraining steps (make)")
     parser.add_argument("--per_prompt", type=int, default=2, help="ODE samples per prompt (eval)")
@@ -568,6 +592,11 @@ def main(argv=None):
         make(out, args.steps)
         return
     pipe = progrpo.load_pipeline(str(out / "pipeline"), torch.float32)
+    if args.command == "spread":
+        spread = constraint_spread(pipe)
+        print(f"constraints of a prompt (40 prompts, {spread['constraints']} constraints) met by none of its group "
+              f"of 16: {spread['never']:.3f}, by all: {spread['always']:.3f}, by some: {spread['some']:.3f}")
+        return
     train, held = split_specs()
     for name, specs in (("held out", held), ("trained", train)):
         table, rewards, checks = evaluate(pipe, specs, cfg, args.per_prompt, args.eval_steps)

@@ -143,6 +143,18 @@ def test_base_model_draws_held_out_compositions(pipe):
     assert len(rewards) == 12 and rewards.mean().item() >= 0.45 and (rewards == 1).sum().item() >= 2
 
 
+def test_constraint_spread_counts_every_constraint_of_every_group(pipe):
+    """Two of training's epoch-0 groups of 4: one entry per constraint of each prompt, the three shares sum to 1,
+    and a share is a count over those entries."""
+    spread = shapes.constraint_spread(pipe, num_prompts=2, group_size=4)
+    train = progrpo.read_prompts(str(shapes.HERE / "train.txt"))
+    g = torch.Generator().manual_seed(progrpo.trajectory_seed(0, 0, "prompts", 0))
+    prompts = [train[i] for i in torch.randperm(len(train), generator=g)[:2].tolist()]
+    assert spread["constraints"] == sum(len(shapes.constraints(shapes.parse_prompt(p), [])) for p in prompts)
+    assert spread["never"] + spread["always"] + spread["some"] == pytest.approx(1)
+    assert all(round(spread[k] * spread["constraints"], 6).is_integer() for k in ("never", "always"))
+
+
 def test_make_is_deterministic(tmp_path):
     """Two runs of the make script (a few steps) write identical weight and prompt files."""
     for run in ("a", "b"):
