@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Pro-GRPO presets. Usage: bash run.sh [demo|test|lock|bench|flops|compare|preflight|premise|eval|sd35|sd35-flash|sd35-baseline|sd14|sd14-baseline|sd14-multi|flux|flux-baseline] [extra flags]
+# Pro-GRPO presets. Usage: bash run.sh [demo|shapes|test|lock|bench|flops|compare|preflight|premise|eval|sd35|sd35-flash|sd35-baseline|sd14|sd14-baseline|sd14-multi|flux|flux-baseline] [extra flags]
 #   (none) / demo   CPU demo: Pro-GRPO on a small pretrained SD3-class digits model and a learned digit reward
 #   test            the test suite (CPU, offline)
 #   lock            move requirements.lock to the newest releases that pass the suite
 #   bench           progrpo_kernels/bench.py: Triton vs torch timings
 #   eval            the paper's evaluation: bash run.sh eval sd35|sd14|demo [--weights DIR ...] (repro/eval.py)
-#   premise         will pruning help? bash run.sh premise demo|sd35|sd14|... [flags] (repro/premise.py)
+#   premise         will pruning help? bash run.sh premise demo|shapes|sd35|sd14|... [flags] (repro/premise.py)
 #   sd35*           the paper's flow settings on a GPU (SD3.5-Medium, PickScore); needs `hf auth login`
 #   sd14*           the paper's diffusion settings on a GPU (SD-v1.4, DDIM eta 1, HPSv2.1)
 #   flux*           FLUX.1-dev with Flow-GRPO's pickscore_flux settings (the paper trains no FLUX); needs `hf auth login`
@@ -194,6 +194,14 @@ FLUX=(--pretrained_model_name_or_path black-forest-labs/FLUX.1-dev --reward repr
       --prompts_per_epoch 48 --learning_rate 3e-4 --clip_range 1e-4 --beta 0 --rank 64 --lora_alpha 128 --ema
       --sample_batch_size 3 --train_batch_size 3)
 
+# The compositional shapes testbed (repro/shapes.py): its shipped model, checker and prompts; eval: the first
+# 136 prompts of eval.txt (12 single-object, 124 held out); one optimiser step an epoch on all 24 survivors
+SHAPES=(--pretrained_model_name_or_path repro/shapes/pipeline --reward repro.shapes.ShapesReward
+        --prompts repro/shapes/train.txt --eval_prompts repro/shapes/eval.txt --num_eval_prompts 136 --resolution 32
+        --mixed_precision no --max_sequence_length 45 --prompts_per_epoch 6 --updates_per_epoch 1
+        --sample_batch_size 48 --decode_batch_size 48 --train_batch_size 8 --eval_steps 10 --checkpointing_steps 1000
+        --clip_range 1e-2 --beta 0 --no-ema)
+
 case "$preset" in
     demo)           # Pro-GRPO on the pretrained digits model and its learned reward (repro/digits.py), 90 s idle
         [ -f repro/digits/pipeline/model_index.json ] || "$PY" -m repro.digits make
@@ -204,6 +212,13 @@ case "$preset" in
             --eval_steps 10 --eval_every 10 --checkpointing_steps 1000 --learning_rate 5e-4 --clip_range 1e-2 \
             --beta 0 --no-ema --output_dir outputs/demo "$@"
         echo "pictures: outputs/demo/samples/*.png, outputs/demo/reward_curve.png; metrics: outputs/demo/metrics.jsonl"
+        ;;
+    shapes)         # Pro-GRPO on the compositional shapes testbed (repro/shapes.py): GenEval-like prompts, a
+                    # reward that counts satisfied constraints; eval mostly on held-out compositions (3.5 min)
+        "$PY" progrpo.py "${SHAPES[@]}" --num_epochs 40 --group_size 16 --prune 5:8,7:4 --eval_every 10 \
+            --learning_rate 1e-3 --output_dir outputs/shapes "$@"
+        echo "pictures: outputs/shapes/samples/*.png, outputs/shapes/reward_curve.png;" \
+             "metrics: outputs/shapes/metrics.jsonl"
         ;;
     test)           # PROGRPO_LOCK: the pins .venv was installed with, which a test compares with what is installed
         used="$LOCK"
@@ -246,17 +261,36 @@ case "$preset" in
     bench)
         "$PY" -m progrpo_kernels.bench "$@"
         ;;
-    compare)        # matched compute on the demo's digits task: 5 methods x grid x 3 seeds, 2 runs at a time
-                    # (4 methods took 6 min on 2 idle cores, 45 min shared); the demo's flags but for what methods vary
-        [ -f repro/digits/pipeline/model_index.json ] || "$PY" -m repro.digits make
-        OMP_NUM_THREADS=1 "$PY" -m repro.compare --pretrained_model_name_or_path repro/digits/pipeline \
-            --reward repro.digits.DigitReward --prompts repro/digits/train.txt --eval_prompts repro/digits/eval.txt \
-            --num_eval_prompts 20 --resolution 16 --mixed_precision no --max_sequence_length 24 --prompts_per_epoch 6 \
-            --sample_batch_size 48 --decode_batch_size 48 --train_batch_size 8 --eval_steps 10 --eval_every 5 \
-            --checkpointing_steps 1000 --clip_range 1e-2 --beta 0 --no-ema \
-            --grid_learning_rate 1e-3 --grid_clip_range 1e-2 --seeds 3 --max_flops 1e12 --jobs 2 --diagnose_epochs 4 \
-            --output_dir outputs/compare "$@"
-        echo "report: outputs/compare/comparison.md, comparison.png, advantage_histogram.png"
+    compare)        # matched compute: bash run.sh compare [digits|shapes|shapes-ablation] [flags]; 2 runs at a time
+                    # digits (default): the demo's task, 5 methods x 1 cell x 3 seeds (4 methods took 6 min on 2 idle
+                    # cores, 45 min shared). shapes: the compositional testbed, 5 methods x 2 learning rates x 5 seeds,
+                    # held-out compositions (62 min on 2 cores, 2026-12-06). shapes-ablation: Pro-GRPO's
+                    # checkpoints (early, the paper's, late) and G_max (16, 32), 3 seeds (16 min)
+        target=digits
+        case "${1:-}" in digits|shapes|shapes-ablation) target="$1"; shift ;; esac
+        case "$target" in
+            digits)
+                [ -f repro/digits/pipeline/model_index.json ] || "$PY" -m repro.digits make
+                OMP_NUM_THREADS=1 "$PY" -m repro.compare --pretrained_model_name_or_path repro/digits/pipeline \
+                    --reward repro.digits.DigitReward --prompts repro/digits/train.txt \
+                    --eval_prompts repro/digits/eval.txt --num_eval_prompts 20 --resolution 16 --mixed_precision no \
+                    --max_sequence_length 24 --prompts_per_epoch 6 --sample_batch_size 48 --decode_batch_size 48 \
+                    --train_batch_size 8 --eval_steps 10 --eval_every 5 --checkpointing_steps 1000 --clip_range 1e-2 \
+                    --beta 0 --no-ema --grid_learning_rate 1e-3 --grid_clip_range 1e-2 --seeds 3 --max_flops 1e12 \
+                    --jobs 2 --diagnose_epochs 4 --output_dir outputs/compare "$@"
+                out=outputs/compare ;;
+            shapes)
+                OMP_NUM_THREADS=1 "$PY" -m repro.compare "${SHAPES[@]}" --eval_every 4 --max_flops 4e12 --jobs 2 \
+                    --grid_learning_rate 1e-3,3e-3 --seeds 5 --output_dir outputs/compare-shapes "$@"
+                out=outputs/compare-shapes ;;
+            shapes-ablation)
+                OMP_NUM_THREADS=1 "$PY" -m repro.compare "${SHAPES[@]}" --eval_every 4 --max_flops 4e12 --jobs 2 \
+                    --grid_learning_rate 1e-3 --seeds 3 \
+                    --methods pro-grpo,pro-grpo-early,pro-grpo-late,pro-grpo-g32 \
+                    --output_dir outputs/compare-shapes-ablation "$@"
+                out=outputs/compare-shapes-ablation ;;
+        esac
+        echo "report: $out/comparison.md, $out/comparison.png"
         ;;
     eval)           # the paper's evaluation (repro/eval.py): bash run.sh eval sd35|sd14|demo [--weights DIR ...]
         target="${1:-demo}"
@@ -311,7 +345,7 @@ case "$preset" in
             --output_dir outputs/flux-baseline "$@"
         ;;
     *)
-        echo "error: unknown preset '$preset'; choose demo, test, lock, bench, flops, compare, preflight, premise, eval, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline, sd14-multi, flux or flux-baseline" >&2
+        echo "error: unknown preset '$preset'; choose demo, shapes, test, lock, bench, flops, compare, preflight, premise, eval, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline, sd14-multi, flux or flux-baseline" >&2
         exit 2
         ;;
 esac

@@ -187,6 +187,6 @@ def test_run_sh_premise_refuses_bad_input_in_one_line(tmp_path):
     result = subprocess.run(["bash", str(tmp_path / "run.sh"), "premise", "no/such/model"], capture_output=True,
                             text=True, env=env, timeout=300)
     assert result.returncode == 2 and result.stderr.splitlines() == [
-        "error: 'no/such/model' is not a preset (demo, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline, "
+        "error: 'no/such/model' is not a preset (demo, shapes, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline, "
         "sd14-multi, flux, flux-baseline, digits): as a model it needs --reward (a module.attr reward factory, e.g. "
         "repro.scorers.PickScore)"]
