@@ -41,7 +41,6 @@ import json
 import math
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -49,7 +48,7 @@ import torch.nn.functional as F
 
 import progrpo
 
-from repro.tiny import build_tiny_pipeline
+from repro import testbed
 
 HERE = Path(__file__).resolve().parent / "digits"
 PIPELINE_DIR, SCORER_DIR = HERE / "pipeline", HERE / "scorer"
@@ -57,7 +56,6 @@ RESOLUTION, LATENT_SIDE = 16, 8  # pixels; the decoder upsamples 2x, so one late
 MAX_SEQUENCE_LENGTH = 24  # T5 tokens: "a handwritten 7" is 17 letter tokens (16 would cut the digit off)
 GENERATOR_DIGITS = 1200  # of 1,797; the other 597 fit the reward model and the accuracy classifier
 TYPICALITY_WEIGHT = 0.5
-SHIFT = 3.0  # SD3's sampler shift, used for training sigmas as well
 
 
 def caption(digit):
@@ -133,28 +131,15 @@ def grey_decoder(shift_factor=0.0, scaling_factor=1.0):
 
 
 def build_pipeline(shift_factor, scaling_factor, num_layers=2, heads=2, seed=0):
-    """progrpo's tiny SD3 pipeline (its text encoders, tokenizers, scheduler) with a digit-sized
-    transformer (one latent channel, 2x2 patches over 8x8) and the grey decoder."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    tiny = build_tiny_pipeline("flow", seed=seed)  # seeds torch: the text encoders are reproducible
-    for tokenizer in (tiny.tokenizer, tiny.tokenizer_2):  # CLIP pads to this: 24, not 77, text tokens per stream
-        tokenizer.model_max_length = MAX_SEQUENCE_LENGTH  # (the captions are short; it halves the transformer's cost)
-    text_dim = tiny.text_encoder_3.config.d_model
-    pooled_dim = tiny.text_encoder.config.projection_dim + tiny.text_encoder_2.config.projection_dim
-    transformer = SD3Transformer2DModel(
-        sample_size=LATENT_SIDE, patch_size=2, in_channels=1, out_channels=1, num_layers=num_layers,
-        attention_head_dim=32, num_attention_heads=heads, joint_attention_dim=text_dim,
-        caption_projection_dim=32 * heads, pooled_projection_dim=pooled_dim, pos_embed_max_size=LATENT_SIDE,
-        dual_attention_layers=(0,), qk_norm="rms_norm")
-    components = {**tiny.components, "transformer": transformer, "vae": grey_decoder(shift_factor, scaling_factor)}
-    return StableDiffusion3Pipeline(**components)
+    """The testbeds' tiny SD3 pipeline with a digit-sized transformer (one latent channel, 2x2 patches over 8x8)
+    and the grey decoder."""
+    vae = lambda: grey_decoder(shift_factor, scaling_factor)  # noqa: E731
+    return testbed.build_pipeline(vae, LATENT_SIDE, 1, MAX_SEQUENCE_LENGTH, num_layers, heads, seed)
 
 
 def sample_args(guidance_scale, batch_size=64):
     """The progrpo.Args fields that progrpo.sample_deterministic and encode_prompts read."""
-    return progrpo.Args(resolution=RESOLUTION, guidance_scale=guidance_scale, sample_batch_size=batch_size,
-                        decode_batch_size=batch_size, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    return testbed.sample_args(RESOLUTION, MAX_SEQUENCE_LENGTH, guidance_scale, batch_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -258,54 +243,17 @@ def DigitReward(device):
 # ----------------------------------------------------------------------------------------------------
 
 def pretrain(pipe, pixels, labels, steps, batch_size=64, lr=2e-3, drop_caption=0.1, ema_decay=0.999, seed=0, log=print):
-    """Rectified-flow matching of the transformer on (digit image, caption) pairs; leaves the EMA weights in it.
-
-    Per step: x0 the latents of a batch of digits (scaled as the VAE config says), noise ~ N(0, I),
-    sigma = shift(u) with u ~ logit-normal(0, 1), x_sigma = (1 - sigma) x0 + sigma noise, and the MSE of
-    the model's v against noise - x0 at timestep 1000 sigma (progrpo's sampler uses the same timesteps).
-    AdamW with 50 warm-up steps and a cosine decay to lr / 10. All randomness from one seeded generator.
-    """
-    model, vae = pipe.transformer, pipe.vae
-    with torch.no_grad():  # the text encoders stay frozen
-        embeds, _, pooled, _ = pipe.encode_prompt(  # rows 0..9 the digits' captions, row 10 the empty prompt
-            [caption(d) for d in range(10)] + [""], prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
-            max_sequence_length=MAX_SEQUENCE_LENGTH)
+    """Rectified-flow matching (repro.testbed.pretrain) on (digit image, caption) pairs: x0 the latents of a
+    batch of the digits, drawn with replacement. Leaves the EMA weights in the transformer."""
+    vae = pipe.vae
     x0_all = (encode_pixels(pixels) - vae.config.shift_factor) * vae.config.scaling_factor  # (N, 1, 8, 8)
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model.train().requires_grad_(True)
-    params = list(model.parameters())
-    ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    schedule = lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))  # noqa: E731
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    t0, running = time.time(), 0.0
-    for step in range(steps):
-        idx = torch.randint(len(x0_all), (batch_size,), generator=g)
-        x0, noise = x0_all[idx], torch.randn((batch_size, *x0_all.shape[1:]), generator=g)
-        u = torch.sigmoid(torch.randn(batch_size, generator=g))  # logit-normal(0, 1)
-        sigma = SHIFT * u / (1 + (SHIFT - 1) * u)  # the scheduler's shift, as SD3 samples training timesteps
-        x = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
-        drop = torch.rand(batch_size, generator=g) < drop_caption  # the empty prompt, for guidance
-        rows = torch.where(drop, 10, labels[idx])
-        v = model(x, timestep=1000 * sigma, encoder_hidden_states=embeds[rows], pooled_projections=pooled[rows],
-                  return_dict=False)[0]
-        loss = F.mse_loss(v, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            progrpo.ema_update(ema, params, step, decay=ema_decay, every=1)  # Flow-GRPO's schedule, every step
-        running += loss.item()
-        if log and (step + 1) % 100 == 0:
-            log(f"step {step + 1}/{steps} | flow-matching loss {running / 100:.4f} | {time.time() - t0:.0f}s")
-            running = 0.0
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
-    model.eval().requires_grad_(False)
-    return pipe
+
+    def draw(g, n):
+        idx = torch.randint(len(x0_all), (n,), generator=g)
+        return x0_all[idx], labels[idx]
+
+    return testbed.pretrain(pipe, [caption(d) for d in range(10)], draw, steps, MAX_SEQUENCE_LENGTH, batch_size, lr,
+                            drop_caption, ema_decay, seed, log)
 
 
 def make(out=HERE, steps=2000, scorer_steps=600, seed=0, log=print):

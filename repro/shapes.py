@@ -56,7 +56,6 @@ import argparse
 import math
 import re
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -65,13 +64,12 @@ import torch.nn.functional as F
 
 import progrpo
 
-from repro.tiny import build_tiny_pipeline
+from repro import testbed
 
 HERE = Path(__file__).resolve().parent / "shapes"
 PIPELINE_DIR = HERE / "pipeline"
 CANVAS, RESOLUTION = 16, 32  # canvas pixels per side; the decoder copies each into 2 x 2 image pixels
 MAX_SEQUENCE_LENGTH = 45  # T5 letter tokens of the longest prompt, "a green triangle right of a yellow triangle"
-SHIFT = 3.0  # SD3's sampler shift, used for training sigmas as well
 
 COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.7, 0.1), "blue": (0.1, 0.2, 0.9), "yellow": (0.9, 0.8, 0.1)}
 SHAPES = ("circle", "square", "triangle")
@@ -411,28 +409,15 @@ def colour_decoder(shift_factor=0.0, scaling_factor=1.0):
 
 
 def build_pipeline(shift_factor, scaling_factor, num_layers=4, heads=2, seed=0):
-    """progrpo's tiny SD3 pipeline (its text encoders, tokenizers, scheduler) with a canvas-sized transformer
-    (three latent channels, 2x2 patches over 16 x 16) and the colour decoder."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    tiny = build_tiny_pipeline("flow", seed=seed)  # seeds torch: the text encoders are reproducible
-    for tokenizer in (tiny.tokenizer, tiny.tokenizer_2):  # CLIP pads to this: 45, not 77, text tokens per stream
-        tokenizer.model_max_length = MAX_SEQUENCE_LENGTH
-    text_dim = tiny.text_encoder_3.config.d_model
-    pooled_dim = tiny.text_encoder.config.projection_dim + tiny.text_encoder_2.config.projection_dim
-    transformer = SD3Transformer2DModel(
-        sample_size=CANVAS, patch_size=2, in_channels=3, out_channels=3, num_layers=num_layers,
-        attention_head_dim=32, num_attention_heads=heads, joint_attention_dim=text_dim,
-        caption_projection_dim=32 * heads, pooled_projection_dim=pooled_dim, pos_embed_max_size=CANVAS,
-        dual_attention_layers=(0,), qk_norm="rms_norm")
-    components = {**tiny.components, "transformer": transformer, "vae": colour_decoder(shift_factor, scaling_factor)}
-    return StableDiffusion3Pipeline(**components)
+    """The testbeds' tiny SD3 pipeline with a canvas-sized transformer (three latent channels, 2x2 patches over
+    16 x 16) and the colour decoder."""
+    vae = lambda: colour_decoder(shift_factor, scaling_factor)  # noqa: E731
+    return testbed.build_pipeline(vae, CANVAS, 3, MAX_SEQUENCE_LENGTH, num_layers, heads, seed)
 
 
 def sample_args(guidance_scale, batch_size=64):
     """The progrpo.Args fields that progrpo.sample_deterministic and encode_prompts read."""
-    return progrpo.Args(resolution=RESOLUTION, guidance_scale=guidance_scale, sample_batch_size=batch_size,
-                        decode_batch_size=batch_size, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    return testbed.sample_args(RESOLUTION, MAX_SEQUENCE_LENGTH, guidance_scale, batch_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -446,57 +431,21 @@ def training_batch(train, rng, batch_size):
 
 
 def pretrain(pipe, train, steps, batch_size=32, lr=2e-3, drop_caption=0.1, ema_decay=0.999, seed=0, log=print):
-    """Rectified-flow matching of the transformer on freshly drawn (image, caption) pairs; leaves the EMA in it.
-
-    As repro.digits.pretrain: x0 the latents of a batch of drawings (scaled as the VAE config says), noise ~
-    N(0, I), sigma = shift(u) with u ~ logit-normal(0, 1), x_sigma = (1 - sigma) x0 + sigma noise, the MSE of v
-    against noise - x0 at timestep 1000 sigma; AdamW, 50 warm-up steps, cosine decay to lr / 10. The prompts'
-    embeddings are computed once (the text encoders are frozen); drawings and noise come from seeded generators.
-    """
-    model, vae = pipe.transformer, pipe.vae
+    """Rectified-flow matching (repro.testbed.pretrain) on freshly drawn (image, caption) pairs: each batch
+    category-balanced (training_batch), drawn from a seeded numpy generator. Leaves the EMA in the transformer."""
+    vae = pipe.vae
     specs = [s for k in CATEGORIES for s in train[k]]
     row = {s: i for i, s in enumerate(specs)}
-    with torch.no_grad():  # rows 0..n-1 the training prompts, row n the empty prompt
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            [caption(s) for s in specs] + [""], prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
-            max_sequence_length=MAX_SEQUENCE_LENGTH)
-    rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model.train().requires_grad_(True)
-    params = list(model.parameters())
-    ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    schedule = lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))  # noqa: E731
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    t0, running = time.time(), 0.0
-    for step in range(steps):
-        batch = training_batch(train, rng, batch_size)
+    rng = np.random.default_rng(seed)
+
+    def draw(g, n):
+        batch = training_batch(train, rng, n)
         x0 = (encode_pixels(torch.stack([render(s, rng) for s in batch])) - vae.config.shift_factor) \
             * vae.config.scaling_factor  # (n, 3, CANVAS, CANVAS)
-        noise = torch.randn(x0.shape, generator=g)
-        u = torch.sigmoid(torch.randn(batch_size, generator=g))  # logit-normal(0, 1)
-        sigma = SHIFT * u / (1 + (SHIFT - 1) * u)  # the scheduler's shift, as SD3 samples training timesteps
-        x = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
-        drop = torch.rand(batch_size, generator=g) < drop_caption  # the empty prompt, for guidance
-        rows = torch.where(drop, len(specs), torch.tensor([row[s] for s in batch]))
-        v = model(x, timestep=1000 * sigma, encoder_hidden_states=embeds[rows], pooled_projections=pooled[rows],
-                  return_dict=False)[0]
-        loss = F.mse_loss(v, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            progrpo.ema_update(ema, params, step, decay=ema_decay, every=1)
-        running += loss.item()
-        if log and (step + 1) % 100 == 0:
-            log(f"step {step + 1}/{steps} | flow-matching loss {running / 100:.4f} | {time.time() - t0:.0f}s")
-            running = 0.0
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
-    model.eval().requires_grad_(False)
-    return pipe
+        return x0, torch.tensor([row[s] for s in batch])
+
+    return testbed.pretrain(pipe, [caption(s) for s in specs], draw, steps, MAX_SEQUENCE_LENGTH, batch_size, lr,
+                            drop_caption, ema_decay, seed, log)
 
 
 def write_prompts(path, specs, seed=0):
