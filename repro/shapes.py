@@ -468,7 +468,7 @@ def make(out=HERE, steps=8000, seed=0, log=print):
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
     write_prompts(out / "train.txt", train, seed)
-    write_prompts(out / "eval.txt", {k: held[k] or train[k] for k in CATEGORIES}, seed)
+    write_prompts(out / "eval.txt", held, seed)  # held-out compositions only (no single-object prompt is)
     return pipe
 
 
