@@ -194,8 +194,8 @@ FLUX=(--pretrained_model_name_or_path black-forest-labs/FLUX.1-dev --reward repr
       --prompts_per_epoch 48 --learning_rate 3e-4 --clip_range 1e-4 --beta 0 --rank 64 --lora_alpha 128 --ema
       --sample_batch_size 3 --train_batch_size 3)
 
-# The compositional shapes testbed (repro/shapes.py): its shipped model, checker and prompts; eval: the first
-# 136 prompts of eval.txt (12 single-object, 124 held out); one optimiser step an epoch on all 24 survivors
+# The compositional shapes testbed (repro/shapes.py): its shipped model, checker and prompts; eval: the 136
+# held-out compositions of eval.txt; one optimiser step an epoch on all 24 survivors
 SHAPES=(--pretrained_model_name_or_path repro/shapes/pipeline --reward repro.shapes.ShapesReward
         --prompts repro/shapes/train.txt --eval_prompts repro/shapes/eval.txt --num_eval_prompts 136 --resolution 32
         --mixed_precision no --max_sequence_length 45 --prompts_per_epoch 6 --updates_per_epoch 1
@@ -261,13 +261,14 @@ case "$preset" in
     bench)
         "$PY" -m progrpo_kernels.bench "$@"
         ;;
-    compare)        # matched compute: bash run.sh compare [digits|shapes|shapes-ablation] [flags]; 2 runs at a time
+    compare)        # matched compute: bash run.sh compare [digits|shapes|...] [flags]; 2 runs at a time
                     # digits (default): the demo's task, 5 methods x 1 cell x 3 seeds (4 methods took 6 min on 2 idle
                     # cores, 45 min shared). shapes: the compositional testbed, 5 methods x 2 learning rates x 5 seeds,
-                    # held-out compositions (62 min on 2 cores, 2026-12-06). shapes-ablation: Pro-GRPO's
-                    # checkpoints (early, the paper's, late) and G_max (16, 32), 3 seeds (16 min)
+                    # held-out compositions (62 min on 2 cores, 2026-12-06). shapes-pool: the same on a fixed pool
+                    # of 6 training prompts, 16 fresh samples of each evaluated, 1e13 FLOPs a run. shapes-ablation:
+                    # Pro-GRPO's checkpoints (early, the paper's, late) and G_max (16, 32), 3 seeds (16 min)
         target=digits
-        case "${1:-}" in digits|shapes|shapes-ablation) target="$1"; shift ;; esac
+        case "${1:-}" in digits|shapes|shapes-pool|shapes-ablation) target="$1"; shift ;; esac
         case "$target" in
             digits)
                 [ -f repro/digits/pipeline/model_index.json ] || "$PY" -m repro.digits make
@@ -283,6 +284,11 @@ case "$preset" in
                 OMP_NUM_THREADS=1 "$PY" -m repro.compare "${SHAPES[@]}" --eval_every 4 --max_flops 4e12 --jobs 2 \
                     --grid_learning_rate 1e-3,3e-3 --seeds 5 --output_dir outputs/compare-shapes "$@"
                 out=outputs/compare-shapes ;;
+            shapes-pool)
+                OMP_NUM_THREADS=1 "$PY" -m repro.compare "${SHAPES[@]}" --prompts repro/shapes/pool.txt \
+                    --eval_prompts repro/shapes/pool_eval.txt --num_eval_prompts 96 --eval_every 10 --max_flops 1e13 \
+                    --jobs 2 --grid_learning_rate 1e-3,3e-4 --seeds 5 --output_dir outputs/compare-shapes-pool "$@"
+                out=outputs/compare-shapes-pool ;;
             shapes-ablation)
                 OMP_NUM_THREADS=1 "$PY" -m repro.compare "${SHAPES[@]}" --eval_every 4 --max_flops 4e12 --jobs 2 \
                     --grid_learning_rate 1e-3 --seeds 3 \

@@ -8,7 +8,7 @@ small hyperparameter grid applied identically to every method and several seeds.
 1. Budget. Each method's FLOPs per epoch are counted once on the real model (repro.flops.call_flops x the
    schedule's counts), so its epochs = ceil(budget / FLOPs per epoch): every run ends at the first epoch at budget.
 2. Grid. Every method trains at every (learning rate, clip range) of the grid, for every seed; a method's best
-   setting is the one with the highest final held-out eval reward, mean over seeds. The full grid is reported
+   setting is the one with the highest final eval reward (--eval_prompts), mean over seeds. The full grid is reported
    beside the best, so a reader sees how much of a gap is tuning.
 3. Matched wall-clock, beside matched FLOPs: each run's eval reward interpolated (linearly, between its
    evaluations) at the same cumulative seconds of sampling + training (metrics' time/cumulative_s, which leaves
@@ -309,14 +309,16 @@ def compare(args, seeds, max_flops, grid=None, jobs=1, diagnose_epochs=0, method
     for ax, label in zip(axes, ("cumulative TFLOPs (sampling, decode + reward, update)",
                                 "cumulative seconds of sampling + training (mean over seeds)")):
         ax.set_xlabel(label)
-        ax.set_ylabel("eval reward (held-out prompts)")
+        ax.set_ylabel(f"eval reward ({Path(args.eval_prompts).name})")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "comparison.png", dpi=120)
     plt.close(fig)
     grid_text = ", ".join(f"--{k} {' '.join(f'{v:g}' for v in values)}" for k, values in grid.items())
     report = (f"# Matched-compute comparison\n\nBudget {max_flops / 1e12:.3f} TFLOPs per run, {seeds} seeds, grid "
-              f"{grid_text}, reward '{args.reward}', model '{args.pretrained_model_name_or_path}'. Mean +- std over "
+              f"{grid_text}, reward '{args.reward}', model '{args.pretrained_model_name_or_path}', trained on "
+              f"'{args.prompts}', evaluated on the first {args.num_eval_prompts} lines of '{args.eval_prompts}'. "
+              f"Mean +- std over "
               f"seeds; best cell = highest final eval reward, mean over seeds; plot bands span min to max over seeds."
               f"\n\n## Best cell per method\n\n" + "\n".join(best_rows)
               + ("\n\n## Paired differences (best cells, seed by seed)\n\n" + "\n".join(paired) if paired else "")

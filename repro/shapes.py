@@ -86,6 +86,7 @@ MAX_SHAPE_ERROR = 0.5  # an object farther than this from every shape's drawing 
 # the data's objects are within 0.03 of their own shape and 0.15 or more from the others; the shipped model's
 # single objects are within 0.1-0.5 of theirs, the blobs of a model 300 steps into pretraining ~0.55
 RELATION_MARGIN = 1.0  # a relation holds when the centroids are this far apart along its axis, in the right order
+POOL, POOL_SAMPLES = 6, 16  # `compare shapes-pool`: training prompts revisited every epoch; eval samples of each
 CLEAN_SCALE = 0.05  # cleanliness = exp(-mean off-palette residual / CLEAN_SCALE)
 
 
@@ -449,11 +450,22 @@ def pretrain(pipe, train, steps, batch_size=32, lr=2e-3, drop_caption=0.1, ema_d
 
 
 def write_prompts(path, specs, seed=0):
-    """Prompts one a line, interleaved across categories (each in a seeded order), so the first N cover all four."""
+    """Prompts one a line, interleaved across categories (each in a seeded order), so the first N cover all four.
+    Returns the lines."""
     g = torch.Generator().manual_seed(seed)
     queues = [[specs[k][i] for i in torch.randperm(len(specs[k]), generator=g).tolist()] for k in CATEGORIES]
     lines = [caption(q[i]) for i in range(max(map(len, queues))) for q in queues if i < len(q)]
     Path(path).write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def write_pool(out, train_lines):
+    """The fixed pool of `bash run.sh compare shapes-pool`: the first POOL compositional prompts of train.txt (two
+    count, two pair, two position prompts), to pool.txt; and each of them POOL_SAMPLES times, to pool_eval.txt, so
+    an evaluation draws that many fresh ODE samples of every pool prompt."""
+    pool = [line for line in train_lines if category(parse_prompt(line)) != "single"][:POOL]
+    Path(out, "pool.txt").write_text("\n".join(pool) + "\n")
+    Path(out, "pool_eval.txt").write_text("".join(f"{line}\n" * POOL_SAMPLES for line in pool))
 
 
 def make(out=HERE, steps=8000, seed=0, log=print):
@@ -467,7 +479,7 @@ def make(out=HERE, steps=8000, seed=0, log=print):
     pretrain(pipe, train, steps, seed=seed, log=log)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
-    write_prompts(out / "train.txt", train, seed)
+    write_pool(out, write_prompts(out / "train.txt", train, seed))
     write_prompts(out / "eval.txt", held, seed)  # held-out compositions only (no single-object prompt is)
     return pipe
 

@@ -51,6 +51,10 @@ def test_held_out_compositions_are_never_trained_and_words_all_are():
     assert words(s for k in shapes.CATEGORIES for s in train[k]) == words(every_spec())
     trained_lines = set((shapes.HERE / "train.txt").read_text().splitlines())
     assert trained_lines == {shapes.caption(s) for k in shapes.CATEGORIES for s in train[k]}
+    pool = (shapes.HERE / "pool.txt").read_text().splitlines()  # compare shapes-pool: 2 trained prompts a category
+    assert set(pool) <= trained_lines and len(set(pool)) == shapes.POOL
+    assert sorted(shapes.category(shapes.parse_prompt(p)) for p in pool) == sorted(["count", "pair", "position"] * 2)
+    assert (shapes.HERE / "pool_eval.txt").read_text().splitlines() == [p for p in pool for _ in range(16)]
     held_lines = set((shapes.HERE / "eval.txt").read_text().splitlines())
     assert held_lines == {shapes.caption(s) for k in shapes.CATEGORIES for s in held[k]}  # held out only, all 136
 
@@ -159,7 +163,7 @@ def test_make_is_deterministic(tmp_path):
     for run in ("a", "b"):
         shapes.make(tmp_path / run, steps=2, log=lambda message: None)
     files = sorted(p for p in (tmp_path / "a").rglob("*") if p.suffix in (".safetensors", ".txt"))
-    assert len(files) == 7  # three text encoders, the transformer, the decoder; train.txt, eval.txt
+    assert len(files) == 9  # three text encoders, the transformer, the decoder; train, eval, pool, pool_eval.txt
     for path in files:
         assert path.read_bytes() == (tmp_path / "b" / path.relative_to(tmp_path / "a")).read_bytes(), path
 
