@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Pro-GRPO presets. Usage: bash run.sh [demo|shapes|test|lock|bench|flops|compare|preflight|premise|eval|sd35|sd35-flash|sd35-baseline|sd14|sd14-baseline|sd14-multi|flux|flux-baseline] [extra flags]
+# Pro-GRPO presets. Usage: bash run.sh [demo|shapes|test|lock|bench|flops|compare|preflight|premise|eval|sd35|
+#   sd35-flash|sd35-baseline|sd14|sd14-baseline|sd14-multi|flux|flux-baseline] [extra flags]
 #   (none) / demo   CPU demo: Pro-GRPO on a small pretrained SD3-class digits model and a learned digit reward
 #   test            the test suite (CPU, offline)
 #   lock            move requirements.lock to the newest releases that pass the suite
@@ -8,7 +9,8 @@
 #   premise         will pruning help? bash run.sh premise demo|shapes|sd35|sd14|... [flags] (repro/premise.py)
 #   sd35*           the paper's flow settings on a GPU (SD3.5-Medium, PickScore); needs `hf auth login`
 #   sd14*           the paper's diffusion settings on a GPU (SD-v1.4, DDIM eta 1, HPSv2.1)
-#   flux*           FLUX.1-dev with Flow-GRPO's pickscore_flux settings (the paper trains no FLUX); needs `hf auth login`
+#   flux*           FLUX.1-dev with Flow-GRPO's pickscore_flux settings (the paper trains no FLUX); needs
+#                   `hf auth login`
 set -euo pipefail
 cd "$(dirname "$0")"
 preset="${1:-demo}"
@@ -58,7 +60,8 @@ fetch_pickscore_prompts() {  # Flow-GRPO ships the Pick-a-Pic v1 captions it tra
         url="https://raw.githubusercontent.com/yifan123/flow_grpo/main/dataset/pickscore/$split.txt"
         if ! curl -fsSL --max-time 120 "$url" -o "dataset/pickscore/$split.txt"; then
             rm -f "dataset/pickscore/$split.txt"
-            echo "error: could not download the Pick-a-Pic prompts; get them with: curl -fsSL $url -o dataset/pickscore/$split.txt" >&2
+            echo "error: could not download the Pick-a-Pic prompts; get them with:" \
+                "curl -fsSL $url -o dataset/pickscore/$split.txt" >&2
             exit 2
         fi
     done
@@ -180,8 +183,8 @@ SD35=(--pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium --
       --sample_batch_size 8 --train_batch_size 8)  # one size: SD3's outputs change with the batch size
 
 SD14=(--pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 --reward repro.scorers.HPSv2
-      --prompts dataset/hpsv2/train.txt --eval_prompts dataset/hpsv2/test.txt --mixed_precision bf16
-      --resolution 512 --num_steps 50 --eval_steps 50 --noise_level 1.0 --guidance_scale 5.0 --prompts_per_epoch $((4 * WORLD))
+      --prompts dataset/hpsv2/train.txt --eval_prompts dataset/hpsv2/test.txt --mixed_precision bf16 --resolution 512
+      --num_steps 50 --eval_steps 50 --noise_level 1.0 --guidance_scale 5.0 --prompts_per_epoch $((4 * WORLD))
       --full_finetune --learning_rate 1e-5 --clip_range 1e-4 --beta 0 --sample_batch_size 8 --train_batch_size 8
       --no-ema)  # DanceGRPO keeps no EMA
 
@@ -226,8 +229,9 @@ case "$preset" in
         PROGRPO_LOCK="$used" HF_HUB_OFFLINE=1 "$PY" -m pytest -q test_progrpo.py progrpo_kernels repro "$@"
         ;;
     lock)           # move the lock forward: the newest releases in a throwaway venv, the suite run there, and the lock
-                    # rewritten only if it passes. Extra arguments are pip constraints: `bash run.sh lock torch==2.14.1`,
-                    # `bash run.sh lock 'transformers<5.26'`; torch stays at the locked version unless named.
+                    # rewritten only if it passes. Extra arguments are pip constraints:
+                    # `bash run.sh lock torch==2.14.1`, `bash run.sh lock 'transformers<5.26'`; torch stays at the
+                    # locked version unless named.
         tmp="$(mktemp -d)"
         trap 'rm -rf "$tmp"' EXIT
         grep '^torch==' "$LOCK" > "$tmp/constraints.txt"
@@ -236,7 +240,8 @@ case "$preset" in
             echo "$c" >> "$tmp/constraints.txt"
         done
         python3 -m venv "$tmp/venv" || setup_failed
-        echo "lock: installing the newest releases that satisfy requirements.txt and: $(tr '\n' ' ' < "$tmp/constraints.txt")"
+        echo "lock: installing the newest releases that satisfy requirements.txt and:" \
+            "$(tr '\n' ' ' < "$tmp/constraints.txt")"
         if ! install_env "$tmp/venv/bin/python" "$tmp/constraints.txt"; then
             echo "error: that set does not install (pip says why above); $LOCK is unchanged" >&2
             exit 1
@@ -253,8 +258,10 @@ case "$preset" in
             exit 1
         fi
         { echo "# The versions the suite last passed with: \`bash run.sh lock\` wrote this on $(date -u +%F)," \
-               "Python $("$tmp/venv/bin/python" -c 'import platform; print(platform.python_version())'), $(uname -m), with"
-          echo "# '$(tail -n 1 outputs/lock/pytest.log)'. run.sh installs with pip -c $LOCK; requirements.txt: lower bounds."
+               "Python $("$tmp/venv/bin/python" -c 'import platform; print(platform.python_version())')," \
+               "$(uname -m), with"
+          echo "# '$(tail -n 1 outputs/lock/pytest.log)'. run.sh installs with pip -c $LOCK;" \
+               "requirements.txt: lower bounds."
           cat "$tmp/freeze.txt"; } > "$LOCK"
         echo "lock: $(tail -n 1 outputs/lock/pytest.log); $LOCK rewritten (git diff $LOCK shows what moved)"
         ;;
@@ -351,7 +358,8 @@ case "$preset" in
             --output_dir outputs/flux-baseline "$@"
         ;;
     *)
-        echo "error: unknown preset '$preset'; choose demo, shapes, test, lock, bench, flops, compare, preflight, premise, eval, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline, sd14-multi, flux or flux-baseline" >&2
+        echo "error: unknown preset '$preset'; choose demo, shapes, test, lock, bench, flops, compare, preflight," \
+            "premise, eval, sd35, sd35-flash, sd35-baseline, sd14, sd14-baseline, sd14-multi, flux or flux-baseline" >&2
         exit 2
         ;;
 esac

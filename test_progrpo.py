@@ -142,7 +142,8 @@ def test_ddim_schedule_matches_reference(reference):
     assert torch.equal(sched["timesteps"], reference["ddim_timesteps"])
     for case in reference["ddim"]:
         i = case["step_index"]
-        assert rel_close(sched["alpha_prod_t"][i], case["alpha_prod_t"][0]) and rel_close(sched["alpha_prod_t_prev"][i], case["alpha_prod_t_prev"][0])
+        assert (rel_close(sched["alpha_prod_t"][i], case["alpha_prod_t"][0])
+                and rel_close(sched["alpha_prod_t_prev"][i], case["alpha_prod_t_prev"][0]))
 
 
 def test_ddim_eta_zero_is_diffusers_deterministic_ddim():
@@ -235,9 +236,11 @@ def test_group_advantages_known_answer():
     r = torch.tensor([1.0, 3.0, 10.0, 10.0, 0.0, 4.0])
     ids = torch.tensor([7, 7, 2, 2, 5, 5])
     adv = progrpo.group_advantages(r, ids)
-    assert torch.allclose(adv, torch.tensor([-1, 1, 0, 0, -1, 1]) / (1 + 1e-4 / torch.tensor([1, 1, 1, 1, 2, 2])), atol=1e-6)
+    assert torch.allclose(adv, torch.tensor([-1, 1, 0, 0, -1, 1]) / (1 + 1e-4 / torch.tensor([1, 1, 1, 1, 2, 2])),
+                          atol=1e-6)
     global_adv = progrpo.group_advantages(r, ids, global_std=True)
-    assert torch.allclose(global_adv, torch.tensor([-1.0, 1.0, 0.0, 0.0, -2.0, 2.0]) / (r.std(correction=0) + 1e-4), atol=1e-6)
+    assert torch.allclose(global_adv, torch.tensor([-1.0, 1.0, 0.0, 0.0, -2.0, 2.0]) / (r.std(correction=0) + 1e-4),
+                          atol=1e-6)
     assert progrpo.group_advantages(torch.tensor([0.0, 0, 0, 100]), torch.zeros(4), clip=1.5).max().item() == 1.5
 
 
@@ -341,11 +344,13 @@ def test_pickscore_loads_from_folder_and_scores(tmp_path):
     tok = tiny_models._tiny_tokenizers()[0]
     text = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, vocab_size=len(tok),
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, image_size=224, patch_size=32)
+    vision = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, image_size=224,
+                  patch_size=32)
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(tmp_path)
     config = dict(crop_size=224, do_center_crop=True, do_normalize=True, do_resize=True, resample=3, size=224,
-                  image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])  # PickScore's
+                  # PickScore's
+                  image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
     CLIPProcessor(image_processor=CLIPImageProcessor(**config), tokenizer=tok).save_pretrained(tmp_path)
     images = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(1))
     prompts = ["a red car", "a cat", "two dogs"]
@@ -358,8 +363,10 @@ def test_pickscore_loads_from_folder_and_scores(tmp_path):
     pixels = torch.nn.functional.interpolate(images, size=(224, 268), mode="bicubic", antialias=True).clamp(0, 1)
     pixels = pixels[..., 22:246]
     mean, std = torch.tensor(config["image_mean"]).view(1, 3, 1, 1), torch.tensor(config["image_std"]).view(1, 3, 1, 1)
-    tokens = pickscore.processor.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
-    logits = pickscore.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=(pixels - mean) / std).logits_per_image
+    tokens = pickscore.processor.tokenizer(prompts, padding="max_length", truncation=True, max_length=77,
+                                           return_tensors="pt")
+    logits = pickscore.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                             pixel_values=(pixels - mean) / std).logits_per_image
     assert torch.allclose(scores, logits.diag(), rtol=1e-5, atol=1e-5)
     assert torch.allclose(cos * pickscore.model.logit_scale.exp(), scores, rtol=1e-5)  # CLIP score: the plain cosine
 
@@ -371,7 +378,8 @@ def test_pickscore_loads_from_folder_and_scores(tmp_path):
 def tiny_args(**overrides):
     base = dict(pretrained_model_name_or_path="", resolution=16, num_steps=6, group_size=6, prune="2:4,4:3",
                 prompts_per_epoch=2, sample_batch_size=5, decode_batch_size=4, train_batch_size=4, guidance_scale=4.5,
-                max_sequence_length=16, reward="repro.tiny.Colour", updates_per_epoch=1, clip_range=1e-4, beta=0.01, rank=4, lora_alpha=8)
+                max_sequence_length=16, reward="repro.tiny.Colour", updates_per_epoch=1, clip_range=1e-4,
+                beta=0.01, rank=4, lora_alpha=8)
     return progrpo.Args(**{**base, **overrides})
 
 
@@ -394,7 +402,8 @@ def test_tiny_pipeline_round_trips_through_from_pretrained(tiny_dir):
     pipe = tiny_models.build_tiny_pipeline()
     loaded = progrpo.load_pipeline(str(tiny_dir / "flow"), torch.float32)
     args = tiny_args()
-    out = [progrpo.sample_deterministic(p, progrpo.encode_prompts(p, ["a red cat"], 16), args, 4, seed=0) for p in (pipe, loaded)]
+    out = [progrpo.sample_deterministic(p, progrpo.encode_prompts(p, ["a red cat"], 16), args, 4, seed=0)
+           for p in (pipe, loaded)]
     assert torch.equal(out[0], out[1]) and out[0].std() > 0.05  # and the decoder really carries colour
 
 
@@ -402,7 +411,8 @@ def test_nfe_counts_every_transformer_call(tiny):
     """perf NFE equals the schedule's formula and the transformer really sees exactly that many trajectory-steps."""
     pipe, _, prompts, text = tiny
     seen = []
-    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0].shape[0] // 2), with_kwargs=True)
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0].shape[0] // 2),
+                                                      with_kwargs=True)
     try:
         args = tiny_args()
         schedule = progrpo.parse_prune_schedule(args.prune, args.num_steps, args.group_size)
@@ -451,7 +461,8 @@ def test_survivors_are_identical_to_unpruned_run(family_tiny, batch_size):
     _, pipe, _, prompts, text = family_tiny
     args = tiny_args(sample_batch_size=batch_size, decode_batch_size=batch_size, reward_batch_size=batch_size)
     pruned, _, _ = progrpo.rollout(pipe, text, prompts, tiny_models.colour_reward, args, 3, [(2, 4), (4, 3)])
-    full, _, _ = progrpo.rollout(pipe, text, prompts, tiny_models.colour_reward, dataclasses.replace(args, prune="none"), 3, [])
+    full, _, _ = progrpo.rollout(pipe, text, prompts, tiny_models.colour_reward,
+                                 dataclasses.replace(args, prune="none"), 3, [])
     rows = pruned["prompt_idx"] * args.group_size + pruned["member"]  # full run keeps every trajectory, in id order
     for key in ("latents", "log_probs", "rewards"):
         if batch_size == 1:
@@ -481,7 +492,8 @@ def test_static_ovf_keeps_max_variance_subset(tiny):
     args = tiny_args(prune="none", ovf_after_sampling=3)
     samples, stats, audit = progrpo.rollout(pipe, text, prompts, tiny_models.colour_reward, args, 1, [])
     assert stats["nfe"] == 2 * 6 * 6 and len(samples["rewards"]) == 6
-    full, _, _ = progrpo.rollout(pipe, text, prompts, tiny_models.colour_reward, dataclasses.replace(args, ovf_after_sampling=0), 1, [])
+    full, _, _ = progrpo.rollout(pipe, text, prompts, tiny_models.colour_reward,
+                                 dataclasses.replace(args, ovf_after_sampling=0), 1, [])
     for p in range(2):
         assert audit[p]["survivors"] == progrpo.ovf_select(full["rewards"].view(2, 6)[p], 3).tolist()
 
@@ -651,8 +663,9 @@ def test_half_precision_gradient_points_where_fp32_does(tiny_dir, precision):
         steps, rows = torch.full((4,), step), torch.arange(4) % 2
         with torch.no_grad():
             out = progrpo.predict(pipe32, sched, steps, x, text32, rows, args32, 4)
-        x_next, logp_old, _, _ = progrpo.sde_step_with_logprob(out, x, sched["sigma"][steps], sched["sigma_next"][steps],
-                                                               0.7, noise=torch.randn(x.shape, generator=g))
+        x_next, logp_old, _, _ = progrpo.sde_step_with_logprob(out, x, sched["sigma"][steps],
+                                                               sched["sigma_next"][steps], 0.7,
+                                                               noise=torch.randn(x.shape, generator=g))
         reference = lora_gradients(pipe32, params32, text32, "no", x, x_next, logp_old, step, SD35_FACTOR)
         half = lora_gradients(*pipes[precision], precision, x, x_next, logp_old, step, SD35_FACTOR)
         cosine = torch.nn.functional.cosine_similarity(half, reference, dim=0).item()
@@ -676,7 +689,8 @@ def test_sd1_prunes_and_trains(tmp_path, tiny_dir, full_finetune):
     """Tiny SD1.x: NFE equals the formula with two checkpoints, ratio 1 on the first step, weights change."""
     pipe = progrpo.load_pipeline(str(tiny_dir / "ddim"), torch.float32, full_finetune)
     args = tiny_args(num_steps=8, group_size=8, prune="4:6,6:3", noise_level=1.0,
-                     guidance_scale=5.0, learning_rate=1e-2, full_finetune=full_finetune, beta=0.0 if full_finetune else 0.01)
+                     guidance_scale=5.0, learning_rate=1e-2, full_finetune=full_finetune,
+                     beta=0.0 if full_finetune else 0.01)
     schedule = progrpo.parse_prune_schedule(args.prune, args.num_steps, args.group_size)
     params = progrpo.trainable_parameters(pipe, args)
     before = [p.detach().clone() for p in params]
@@ -688,8 +702,8 @@ def test_sd1_prunes_and_trains(tmp_path, tiny_dir, full_finetune):
     hook.remove()
     assert stats["nfe"] == sum(seen) == 2 * (5 * 8 + 2 * 6 + 1 * 3)
     adv = progrpo.group_advantages(samples["rewards"], samples["prompt_idx"])
-    info = progrpo.train_epoch(pipe, params, torch.optim.AdamW(params, lr=args.learning_rate), NO_SCALER, samples, adv, text,
-                               args, 0)
+    info = progrpo.train_epoch(pipe, params, torch.optim.AdamW(params, lr=args.learning_rate), NO_SCALER, samples, adv,
+                               text, args, 0)
     assert (info["ratio"][:int(8 * 0.99)] - 1).abs().max() < 1e-5  # the steps before the first optimiser step
     changed = sum(not torch.equal(b, p) for b, p in zip(before, params))
     assert changed == len(params) if not full_finetune else changed > 0.9 * len(params)
@@ -703,7 +717,8 @@ def test_sd1_prunes_and_trains(tmp_path, tiny_dir, full_finetune):
         fresh = progrpo.load_pipeline(str(tiny_dir / "ddim"), torch.float32)
         fresh.load_lora_weights(str(tmp_path))
         x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
-        assert torch.allclose(fresh.unet(x, t, text["embeds"][:1]).sample, pipe.unet(x, t, text["embeds"][:1]).sample, atol=1e-5)
+        assert torch.allclose(fresh.unet(x, t, text["embeds"][:1]).sample, pipe.unet(x, t, text["embeds"][:1]).sample,
+                              atol=1e-5)
 
 
 def test_missing_optional_package_is_named(monkeypatch):
@@ -776,12 +791,14 @@ def test_deterministic_sampler_is_the_pipelines_own(tmp_path, tiny_dir, kind):
     text = progrpo.encode_prompts(pipe, prompts, 16)
     ours = progrpo.sample_deterministic(pipe, text, args, 4, seed=0)
     shape = progrpo.latent_shape(pipe, 16)  # the noise sample_deterministic draws: one generator per prompt
-    x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(progrpo.trajectory_seed(0, "eval", p, 0)))
+    x = torch.stack([torch.randn(shape,
+                                 generator=torch.Generator().manual_seed(progrpo.trajectory_seed(0, "eval", p, 0)))
                      for p in range(2)])
     call = dict(latents=x, num_inference_steps=4, guidance_scale=3.5, output_type="pt", height=16, width=16,
                 prompt_embeds=text["embeds"], **({"pooled_prompt_embeds": text["pooled"]} if "pooled" in text else {}))
     for k, v in text.get("negative", {}).items():  # CFG: the empty prompt's row for every prompt
-        call[{"embeds": "negative_prompt_embeds", "pooled": "negative_pooled_prompt_embeds"}[k]] = v.expand(2, *v.shape[1:])
+        call[{"embeds": "negative_prompt_embeds",
+              "pooled": "negative_pooled_prompt_embeds"}[k]] = v.expand(2, *v.shape[1:])
     with torch.no_grad():
         theirs = pipe(**call, **({"eta": 0.0} if kind == "ddim" else {})).images
     assert shape == ((16, 64) if kind.startswith("flux") else (4, 8, 8)) and ours.std() > 0.05
@@ -815,7 +832,8 @@ def test_flux_schedule_latents_and_conditioning_are_fluxpipelines():
     text = progrpo.encode_prompts(dev, ["a red cat"], 16)
     with torch.no_grad():  # as encode_prompts runs it (the built pipeline's encoders are not frozen)
         embeds, pooled, _ = dev.encode_prompt(["a red cat"], max_sequence_length=16)
-    assert set(text) == {"embeds", "pooled"} and torch.equal(text["embeds"], embeds) and torch.equal(text["pooled"], pooled)
+    assert (set(text) == {"embeds", "pooled"} and torch.equal(text["embeds"], embeds)
+            and torch.equal(text["pooled"], pooled))
 
 
 def test_each_family_loads_by_its_class_and_an_unknown_one_is_refused_unloaded(tmp_path, tiny_dir, caplog):
@@ -829,7 +847,8 @@ def test_each_family_loads_by_its_class_and_an_unknown_one_is_refused_unloaded(t
     DiffusionPipeline.from_pretrained(str(tiny_dir / "flux"), safety_checker=None)  # what load_pipeline used to pass
     assert "{'safety_checker': None} are not expected by FluxPipeline" in caplog.text
     assert isinstance(progrpo.load_pipeline(str(tiny_dir / "ddim"), torch.float32).scheduler, DDIMScheduler)
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline", "unet": ["diffusers", "X"]}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline",
+                                                           "unet": ["diffusers", "X"]}))
     with pytest.raises(progrpo.RunError, match="is a KandinskyPipeline; supported: StableDiffusion3Pipeline, "
                                                "StableDiffusionPipeline, FluxPipeline"):
         progrpo.load_pipeline(str(tmp_path), torch.float32)
@@ -871,7 +890,8 @@ def test_flux_trains_resumes_and_evaluates_from_the_command_line(tmp_path, tiny_
     args = progrpo.parse_args(flags)
     straight = progrpo.main(dataclasses.replace(args, output_dir=str(tmp_path / "straight")))
     progrpo.main(dataclasses.replace(args, num_epochs=1, output_dir=str(tmp_path / "resumed")))
-    resumed = progrpo.main(dataclasses.replace(args, output_dir=str(tmp_path / "resumed"), resume_from_checkpoint="latest"))
+    resumed = progrpo.main(dataclasses.replace(args, output_dir=str(tmp_path / "resumed"),
+                                               resume_from_checkpoint="latest"))
     assert without_times(resumed) == without_times(straight) and straight[0]["perf/nfe_sample"] == 4 * (4 * 6 + 4 + 3)
     assert all(math.isfinite(m["policy/loss"]) and m["policy/first_step_ratio_dev"] < 1e-5 for m in straight)
     a, b = (load_file(tmp_path / run / "pytorch_lora_weights.safetensors") for run in ("straight", "resumed"))
@@ -952,10 +972,10 @@ def test_a_new_family_is_ported_by_editing_the_family_section_only(monkeypatch, 
 def demo_args(tiny_dir, **overrides):
     """The old colour demo on the tiny random model, shortened: 60 epochs take ~80 s on 2 cores."""
     base = dict(pretrained_model_name_or_path=str(tiny_dir / "flow"), prompts=str(tiny_dir / "train.txt"),
-                eval_prompts=str(tiny_dir / "test.txt"), reward="repro.tiny.Colour", resolution=16, mixed_precision="no",
-                max_sequence_length=16, num_epochs=60, prompts_per_epoch=6, group_size=16, prune="5:8,7:4",
-                sample_batch_size=32, decode_batch_size=32, train_batch_size=8, eval_steps=10, eval_every=30,
-                checkpointing_steps=1000, learning_rate=5e-3, clip_range=1e-2, beta=0.0, ema=False)
+                eval_prompts=str(tiny_dir / "test.txt"), reward="repro.tiny.Colour", resolution=16,
+                mixed_precision="no", max_sequence_length=16, num_epochs=60, prompts_per_epoch=6, group_size=16,
+                prune="5:8,7:4", sample_batch_size=32, decode_batch_size=32, train_batch_size=8, eval_steps=10,
+                eval_every=30, checkpointing_steps=1000, learning_rate=5e-3, clip_range=1e-2, beta=0.0, ema=False)
     return progrpo.Args(**{**base, **overrides})
 
 
@@ -1386,7 +1406,8 @@ def test_two_gloo_ranks_sample_what_one_process_samples(tmp_path, tiny_dir):
     assert one.returncode == 0, one.stderr[-3000:]
     metrics_two = read_jsonl(tmp_path / "two" / "metrics.jsonl")
     assert [m["dist/weight_spread"] for m in metrics_two] == [0.0, 0.0]  # the same weights on both ranks
-    audit_one, audit_two = read_jsonl(tmp_path / "one" / "prune_audit.jsonl"), read_jsonl(tmp_path / "two" / "prune_audit.jsonl")
+    audit_one, audit_two = (read_jsonl(tmp_path / "one" / "prune_audit.jsonl"),
+                            read_jsonl(tmp_path / "two" / "prune_audit.jsonl"))
     key = [(a["epoch"], a["index"], a["prompt"]) for a in audit_one]
     assert key == [(a["epoch"], a["index"], a["prompt"]) for a in audit_two]
     for a, b in zip(audit_one, audit_two):
@@ -1442,7 +1463,8 @@ def test_resume_is_bit_exact_and_survives_a_killed_save(tmp_path, tiny_dir, prec
     # a run killed while writing checkpoint-3 leaves only the temporary file: 'latest' skips it
     (tmp_path / "resumed" / "checkpoint-3").mkdir()
     (tmp_path / "resumed" / "checkpoint-3" / "training_state.pt.tmp").write_bytes(b"\x80\x02truncated")
-    resumed = progrpo.main(dataclasses.replace(args, output_dir=str(tmp_path / "resumed"), resume_from_checkpoint="latest"))
+    resumed = progrpo.main(dataclasses.replace(args, output_dir=str(tmp_path / "resumed"),
+                                               resume_from_checkpoint="latest"))
     assert without_times(resumed) == without_times(straight)
     assert without_times(read_jsonl(tmp_path / "resumed" / "metrics.jsonl")) == without_times(straight)
     a = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")

@@ -117,7 +117,8 @@ def plot_advantage_histogram(audit_path, path):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = torch.linspace(-3, 3, 41).tolist()
     ax.hist(adv_full.tolist(), bins=bins, density=True, alpha=0.5, label=f"full group (G = {len(full[0])})")
-    ax.hist(adv_kept.tolist(), bins=bins, density=True, alpha=0.5, label=f"trained survivors (K = {len(audit[0]['final'])})")
+    ax.hist(adv_kept.tolist(), bins=bins, density=True, alpha=0.5,
+            label=f"trained survivors (K = {len(audit[0]['final'])})")
     ax.set_xlabel("normalised reward (advantage) within the group")
     ax.set_ylabel("density")
     ax.legend()

@@ -31,7 +31,8 @@ FLOPS_PRESETS = {  # run.sh's presets: model family and the flags that change th
     "flux-baseline": ("flux", dict(group_size=24, prune="none", num_steps=6, beta=0.0, rank=64, lora_alpha=128,
                                    global_std=True)),
 }
-PAPER_TFLOPS = {"sd35-baseline": 453_474, "sd35": 335_627, "sd35-flash": 267_366}  # Table 4, per epoch: sampling + update
+# Table 4, per epoch: sampling + update
+PAPER_TFLOPS = {"sd35-baseline": 453_474, "sd35": 335_627, "sd35-flash": 267_366}
 PAPER_DECODE_TFLOPS, PAPER_REWARD_TFLOPS = 2.49, 0.34  # Table 4, per image
 
 
@@ -41,7 +42,8 @@ def count_flops(fn, *args, **kwargs):
 
     # torch's counter has formulas for the GPU attention kernels but not the CPU one, which would count 0
     aten = torch.ops.aten
-    cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+    cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu:
+                         lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
                      aten._scaled_dot_product_flash_attention_for_cpu_backward:
                          lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, q, k, v)}
     with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
@@ -109,7 +111,8 @@ def clip_reward(clip):
     def reward_fn(images, prompts):
         size = clip.config.vision_config.image_size  # any mean and std cost the same
         pixels = clip_preprocess(images, size, (0.5,) * 3, (0.5,) * 3)  # (N, 3, 224, 224)
-        ids = torch.zeros(len(prompts), clip.config.text_config.max_position_embeddings, dtype=torch.long, device=images.device)
+        ids = torch.zeros(len(prompts), clip.config.text_config.max_position_embeddings, dtype=torch.long,
+                          device=images.device)
         return clip.logit_scale.exp() * clip_cosine(clip, pixels, dict(input_ids=ids))
     return reward_fn
 
@@ -125,8 +128,8 @@ def meta_pipeline(config_dir, kind, args):
     from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                            FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
                            StableDiffusionPipeline, UNet2DConditionModel)
-    from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config,
-                              T5EncoderModel)
+    from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
+                              T5Config, T5EncoderModel)
 
     def read(name):
         path = Path(config_dir) / name
@@ -145,7 +148,8 @@ def meta_pipeline(config_dir, kind, args):
                 text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**enc["clip_l"])), tokenizer=None,
                 text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**enc["clip_g"])), tokenizer_2=None,
                 text_encoder_3=T5EncoderModel(T5Config(**enc["t5"])), tokenizer_3=None)
-            encoders = [(pipe.text_encoder, 77), (pipe.text_encoder_2, 77), (pipe.text_encoder_3, args.max_sequence_length)]
+            encoders = [(pipe.text_encoder, 77), (pipe.text_encoder_2, 77),
+                        (pipe.text_encoder_3, args.max_sequence_length)]
             # SD3 joins 77 CLIP tokens (L and G side by side, zero-padded to 4096) with the T5 tokens
             embeds = torch.zeros(1, 77 + args.max_sequence_length, pipe.transformer.config.joint_attention_dim)
             pooled = torch.zeros(1, pipe.transformer.config.pooled_projection_dim)  # CLIP-L + CLIP-G pooled
@@ -220,7 +224,8 @@ def accounting_variants(results):
         ("3 forwards + reference, decode and reward left out", {**full, "decode": 0, "reward": 0}, {}),
         (f"3 forwards + reference, a forward by the 2N rule: 2 FLOPs x N = {r35['params'] / 1e9:.2f}B parameters "
          f"x {r35['image_tokens']} image tokens", {**pc, "model": rule, "train": 3 * rule, "reference": rule}, {})]
-    return {label: {n: epoch_flops(per_call, dataclasses.replace(results[n]["args"], **flags), results[n]["schedule"])["total"]
+    return {label: {n: epoch_flops(per_call, dataclasses.replace(results[n]["args"], **flags),
+                                   results[n]["schedule"])["total"]
                     for n in PAPER_TFLOPS} for label, per_call, flags in variants}
 
 
@@ -234,17 +239,18 @@ def flops_table(results):
     def speedups(tot):  # the baseline's FLOPs over Pro-GRPO's and over Flash's
         return f"{tot['sd35-baseline'] / tot['sd35']:.2f}x / {tot['sd35-baseline'] / tot['sd35-flash']:.2f}x"
 
-    lines = ["## FLOPs per epoch (TFLOPs), torch.utils.flop_counter on SD3.5-Medium, SD-v1.4 and FLUX.1-dev built on the meta "
-             "device", "",
-             f"Per call: SD3.5-M guided evaluation (CFG pair, 512 px, 77 + 128 text tokens) {pc['model'] / TERA:.2f}, its train step "
-             f"(+ LoRA backward) {pc['train'] / TERA:.2f}, reference forward {pc['reference'] / TERA:.2f}; SD-v1.4 guided evaluation "
-             f"{pc14['model'] / TERA:.2f}, train step (full fine-tune) {pc14['train'] / TERA:.2f}; FLUX.1-dev guided evaluation "
-             f"(distilled guidance: one call, 1024 image + 128 text tokens) {pcf['model'] / TERA:.2f}, train step (+ LoRA r 64 "
-             f"backward) {pcf['train'] / TERA:.2f}. Per image: VAE decode "
-             f"{pc['decode'] / TERA:.2f} (paper {PAPER_DECODE_TFLOPS}); reward {pc['reward'] / TERA:.3f} (CLIP-H image + text towers as "
-             f"ClipScore runs them; the image tower alone {pc['reward_image'] / TERA:.3f}, paper {PAPER_REWARD_TFLOPS}).", "",
-             "| preset | G -> K | NFE / group | sampling | checkpoint decode + reward | final decode + reward | update | total "
-             "| paper Table 4 | ours / paper |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["## FLOPs per epoch (TFLOPs), torch.utils.flop_counter on SD3.5-Medium, SD-v1.4 and FLUX.1-dev built "
+             "on the meta device", "",
+             f"Per call: SD3.5-M guided evaluation (CFG pair, 512 px, 77 + 128 text tokens) {pc['model'] / TERA:.2f}, "
+             f"its train step (+ LoRA backward) {pc['train'] / TERA:.2f}, reference forward "
+             f"{pc['reference'] / TERA:.2f}; SD-v1.4 guided evaluation {pc14['model'] / TERA:.2f}, train step "
+             f"(full fine-tune) {pc14['train'] / TERA:.2f}; FLUX.1-dev guided evaluation (distilled guidance: one "
+             f"call, 1024 image + 128 text tokens) {pcf['model'] / TERA:.2f}, train step (+ LoRA r 64 backward) "
+             f"{pcf['train'] / TERA:.2f}. Per image: VAE decode {pc['decode'] / TERA:.2f} (paper "
+             f"{PAPER_DECODE_TFLOPS}); reward {pc['reward'] / TERA:.3f} (CLIP-H image + text towers as ClipScore "
+             f"runs them; the image tower alone {pc['reward_image'] / TERA:.3f}, paper {PAPER_REWARD_TFLOPS}).", "",
+             "| preset | G -> K | NFE / group | sampling | checkpoint decode + reward | final decode + reward | update "
+             "| total | paper Table 4 | ours / paper |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         kept = r["schedule"][-1][1] if r["schedule"] else r["args"].group_size
         cells = [name, f"{r['args'].group_size} -> {kept}", r["nfe"]]
@@ -252,12 +258,12 @@ def flops_table(results):
         cells += [f"{paper[name]:,}", f"{r['total'] / TERA / paper[name]:.2f}"] if name in paper else ["-", "-"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     total = {n: r["total"] for n, r in results.items()}
-    lines += ["", f"Speed-up over the baseline, sd35 / sd35-flash: {speedups(total)} (paper: 1.26x / 1.41x in its text, "
-                  f"{speedups(paper)} from Table 4); sd14: {total['sd14-baseline'] / total['sd14']:.2f}x, "
+    lines += ["", f"Speed-up over the baseline, sd35 / sd35-flash: {speedups(total)} (paper: 1.26x / 1.41x in its "
+                  f"text, {speedups(paper)} from Table 4); sd14: {total['sd14-baseline'] / total['sd14']:.2f}x, "
                   f"flux: {total['flux-baseline'] / total['flux']:.2f}x (no paper figures). "
-                  f"Left out: the text encoders, run per prompt ({results['sd35']['text'] / TERA:,.0f} TFLOPs an sd35 epoch, "
-                  f"{results['sd35']['text'] / total['sd35']:.2%}). sd14: B = 4 prompts (run.sh's per-GPU share), HPSv2.1 "
-                  f"counted as the PickScore CLIP-H (both ViT-H-14).",
+                  f"Left out: the text encoders, run per prompt ({results['sd35']['text'] / TERA:,.0f} TFLOPs an "
+                  f"sd35 epoch, {results['sd35']['text'] / total['sd35']:.2%}). sd14: B = 4 prompts (run.sh's "
+                  f"per-GPU share), HPSv2.1 counted as the PickScore CLIP-H (both ViT-H-14).",
               "", "### Why ours differs from Table 4 (sd35 presets, TFLOPs per epoch, ours / paper in brackets)", "",
               "| accounting | sd35-baseline | sd35 | sd35-flash | speed-ups |", "|---|---|---|---|---|"]
     variants = accounting_variants(results)
