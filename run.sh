@@ -198,7 +198,7 @@ FLUX=(--pretrained_model_name_or_path black-forest-labs/FLUX.1-dev --reward repr
       --sample_batch_size 3 --train_batch_size 3)
 
 # The compositional shapes testbed (repro/shapes.py): its shipped model, checker and prompts; eval: the 136
-# held-out compositions of eval.txt; one optimiser step an epoch on all 24 survivors
+# held-out compositions of eval.txt; one optimiser step an epoch on all of an arm's survivors
 SHAPES=(--pretrained_model_name_or_path repro/shapes/pipeline --reward repro.shapes.ShapesReward
         --prompts repro/shapes/train.txt --eval_prompts repro/shapes/eval.txt --num_eval_prompts 136 --resolution 32
         --mixed_precision no --max_sequence_length 45 --prompts_per_epoch 6 --updates_per_epoch 1
@@ -217,7 +217,7 @@ case "$preset" in
         echo "pictures: outputs/demo/samples/*.png, outputs/demo/reward_curve.png; metrics: outputs/demo/metrics.jsonl"
         ;;
     shapes)         # Pro-GRPO on the compositional shapes testbed (repro/shapes.py): GenEval-like prompts, a
-                    # reward that counts satisfied constraints; eval mostly on held-out compositions (3.5 min)
+                    # reward that counts satisfied constraints; eval on the 136 held-out compositions (3.5 min)
         "$PY" progrpo.py "${SHAPES[@]}" --num_epochs 40 --group_size 16 --prune 5:8,7:4 --eval_every 10 \
             --learning_rate 1e-3 --output_dir outputs/shapes "$@"
         echo "pictures: outputs/shapes/samples/*.png, outputs/shapes/reward_curve.png;" \
@@ -272,7 +272,7 @@ case "$preset" in
                     # digits (default): the demo's task, 5 methods x 1 cell x 3 seeds (4 methods took 6 min on 2 idle
                     # cores, 45 min shared). shapes: the compositional testbed, 5 methods x 2 learning rates x 5 seeds,
                     # held-out compositions (62 min on 2 cores, 2026-12-06). shapes-pool: the same on a fixed pool
-                    # of 6 training prompts, 16 fresh samples of each evaluated, 1e13 FLOPs a run. shapes-ablation:
+                    # of 6 training prompts, 16 ODE samples of each evaluated, 1e13 FLOPs a run. shapes-ablation:
                     # Pro-GRPO's checkpoints (early, the paper's, late) and G_max (16, 32), 3 seeds (16 min)
         target=digits
         case "${1:-}" in digits|shapes|shapes-pool|shapes-ablation) target="$1"; shift ;; esac

@@ -17,7 +17,8 @@ The prompts (a grammar of known words; compositions of them are held out, never 
 Held out (make writes them to eval.txt, the rest to train.txt): 6 of the 24 count prompts, 20% of the 66
 unordered object pairs (both orders), and 20% of the (unordered pair, axis) layouts of the position prompts
 (all four phrasings of one layout: "A left of B", "B right of A", "B left of A", "A right of B"). Every
-single-object prompt is trained: they are the vocabulary.
+single-object prompt is trained: they are the vocabulary. make also writes pool.txt, the first six compositional
+prompts of train.txt (`bash run.sh compare shapes-pool`), and pool_eval.txt, each of them 16 times.
 
 What `python -m repro.shapes make` builds (deterministic: bit for bit on one machine and thread count):
   1. The data, drawn on the fly from a seeded generator: each object a circle, square or upward triangle of
@@ -44,8 +45,8 @@ All of it is saved as a StableDiffusion3Pipeline folder (repro/shapes/pipeline) 
 
 Run:
   python -m repro.shapes make            # rebuild the shipped weights and prompt files (~28 min on 1 core)
-  python -m repro.shapes eval            # base model: accuracy per category, held out and trained (~5 min)
-  python -m repro.shapes spread          # what a training group can teach: constraints met by none/all/some (~1 min)
+  python -m repro.shapes eval            # base model: accuracy per category, held out and trained (~3 min)
+  python -m repro.shapes spread          # what a training group can teach: constraints met by none/all/some (~30 s)
   python progrpo.py ... --reward repro.shapes.ShapesReward --prompts repro/shapes/train.txt \\
       --eval_prompts repro/shapes/eval.txt
 """
@@ -462,7 +463,7 @@ def write_prompts(path, specs, seed=0):
 def write_pool(out, train_lines):
     """The fixed pool of `bash run.sh compare shapes-pool`: the first POOL compositional prompts of train.txt (two
     count, two pair, two position prompts), to pool.txt; and each of them POOL_SAMPLES times, to pool_eval.txt, so
-    an evaluation draws that many fresh ODE samples of every pool prompt."""
+    an evaluation draws that many ODE samples of every pool prompt, each from its own noise."""
     pool = [line for line in train_lines if category(parse_prompt(line)) != "single"][:POOL]
     Path(out, "pool.txt").write_text("\n".join(pool) + "\n")
     Path(out, "pool_eval.txt").write_text("".join(f"{line}\n" * POOL_SAMPLES for line in pool))
@@ -537,7 +538,8 @@ def constraint_spread(pipe, num_prompts=40, group_size=16, seed=0):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["make", "eval", "spread"])
-    parser.add_argument("--out", default=str(HERE), help="folder for pipeline/, train.txt and eval.txt (make)")
+    parser.add_argument("--out", default=str(HERE),
+                        help="folder for pipeline/, train.txt, eval.txt, pool.txt and pool_eval.txt (make)")
     parser.add_argument("--steps", type=int, default=8000, help="pretraining steps (make)")
     parser.add_argument("--per_prompt", type=int, default=2, help="ODE samples per prompt (eval)")
     parser.add_argument("--guidance_scale", type=float, default=4.5, help="CFG scale of the samples (eval)")

@@ -51,7 +51,7 @@ def test_held_out_compositions_are_never_trained_and_words_all_are():
     assert words(s for k in shapes.CATEGORIES for s in train[k]) == words(every_spec())
     trained_lines = set((shapes.HERE / "train.txt").read_text().splitlines())
     assert trained_lines == {shapes.caption(s) for k in shapes.CATEGORIES for s in train[k]}
-    pool = (shapes.HERE / "pool.txt").read_text().splitlines()  # compare shapes-pool: 2 trained prompts a category
+    pool = (shapes.HERE / "pool.txt").read_text().splitlines()  # compare shapes-pool: 2 of each compositional category
     assert set(pool) <= trained_lines and len(set(pool)) == shapes.POOL
     assert sorted(shapes.category(shapes.parse_prompt(p)) for p in pool) == sorted(["count", "pair", "position"] * 2)
     assert (shapes.HERE / "pool_eval.txt").read_text().splitlines() == [p for p in pool for _ in range(16)]
