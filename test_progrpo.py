@@ -1134,6 +1134,7 @@ def test_a_value_that_does_not_parse_is_one_usage_line_and_one_error_line():
 RUN_SH_BAD_INPUTS = [  # (run.sh's arguments, words of its last line on stderr)
     (["nonsense"], "error: unknown preset 'nonsense'; choose demo, shapes, test, "),
     (["compare", "shapes", "--methods", "pro-grpo,nope"], "error: --methods: unknown nope; choose from grpo, "),
+    (["compare", "shapes-pool", "--grid_learning_rate", "1e-3,x"], "error: --grid_learning_rate takes a comma list"),
     (["sd14", "--beta", "0.01"], "error: --full_finetune has no frozen reference for the KL: use --beta 0"),
     (["sd35", "--bogus"], "progrpo.py: error: unrecognized arguments: --bogus"),
     (["eval", "sd99"], "eval.py: error: argument preset: invalid choice: 'sd99'"),
