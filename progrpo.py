@@ -329,21 +329,21 @@ def uniform_select(n, k, seed):
 
 def group_advantages(rewards, group_ids, eps=1e-4, clip=5.0, global_std=False):
     """A_i = (R_i - mean_g) / (std_g + eps) within each group g, population std, clipped to |A| <= clip; fp32 (N,).
-    A group of equal rewards gets exactly 0, detected as max == min, not std == 0: the fp32 mean of equal
-    values need not equal them, which would leave a std of ~1e-6. global_std: one std over all the rewards given
-    (Flow-GRPO's baseline; main gives it the whole epoch's, gathered from every rank)."""
+    A group of equal rewards gets exactly 0, detected as max == min, not std == 0: the fp32 mean of equal values
+    need not equal them, which leaves R_i - mean_g ~1e-7 (and a std ~1e-6). global_std: one std over all the
+    rewards given (Flow-GRPO's baseline; main gives it the whole epoch's, gathered from every rank)."""
     rewards = rewards.to(torch.float32)
     _, gid = torch.unique(group_ids, return_inverse=True)  # (N,) group index 0..n_groups-1
     zeros = torch.zeros(int(gid.max()) + 1, device=rewards.device)
     count = zeros.index_add(0, gid, torch.ones_like(rewards))
     centred = rewards - (zeros.index_add(0, gid, rewards) / count)[gid]
+    hi = torch.full_like(zeros, -math.inf).scatter_reduce(0, gid, rewards, "amax")
+    lo = torch.full_like(zeros, math.inf).scatter_reduce(0, gid, rewards, "amin")
     if global_std:
-        std = torch.where(rewards.max() == rewards.min(), 0.0, rewards.std(correction=0)).expand_as(rewards)
+        std = rewards.std(correction=0).expand_as(rewards)
     else:
-        hi = torch.full_like(zeros, -math.inf).scatter_reduce(0, gid, rewards, "amax")
-        lo = torch.full_like(zeros, math.inf).scatter_reduce(0, gid, rewards, "amin")
-        std = torch.where(hi == lo, 0.0, (zeros.index_add(0, gid, centred**2) / count).sqrt())[gid]
-    adv = torch.where(std == 0, 0.0, centred / (std + eps))
+        std = (zeros.index_add(0, gid, centred**2) / count).sqrt()[gid]
+    adv = torch.where((hi == lo)[gid], 0.0, centred / (std + eps))
     return adv.clamp(-clip, clip)
 
 

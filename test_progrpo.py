@@ -244,10 +244,13 @@ def test_group_advantages_known_answer():
     assert progrpo.group_advantages(torch.tensor([0.0, 0, 0, 100]), torch.zeros(4), clip=1.5).max().item() == 1.5
 
 
-def test_zero_variance_group_gives_zero_advantages():
-    """A group whose rewards are all equal gets advantages exactly 0, never NaN."""
-    adv = progrpo.group_advantages(torch.tensor([0.3, 0.3, 0.3, 1.0, 2.0]), torch.tensor([0, 0, 0, 1, 1]))
-    assert torch.isfinite(adv).all() and torch.equal(adv[:3], torch.zeros(3))
+@pytest.mark.parametrize("global_std", [False, True])
+def test_zero_variance_group_gives_zero_advantages(global_std):
+    """A group whose rewards are all equal gets advantages exactly 0, never NaN; under a global std too, where the
+    round-off of its fp32 mean (7 x 22.37 / 7 is not 22.37) would give |A| ~1e-5 and keep it in the update."""
+    rewards = torch.tensor([0.3, 0.3, 0.3, 1.0, 2.0] + [22.37] * 7)
+    adv = progrpo.group_advantages(rewards, torch.tensor([0, 0, 0, 1, 1] + [2] * 7), global_std=global_std)
+    assert torch.isfinite(adv).all() and torch.equal(adv[:3], torch.zeros(3)) and torch.equal(adv[5:], torch.zeros(7))
 
 
 def test_prune_schedule_and_nfe_formula():

@@ -7,10 +7,11 @@ The host maps ids to 0..n_groups-1 with torch.unique(return_inverse) and sorts m
 Then two kernels:
   1. _group_stats_kernel: one program per segment loops over its members in fp32 and writes the
      group's mean and std (two passes, deterministic: no atomics, so the result is run-to-run exact).
-     global_std runs it once more on the single segment [0, N).
+     global_std runs it once more on the single segment [0, N), and the host gives that std to every
+     group but the constant ones (std exactly 0, so their adv stays exactly 0).
   2. _normalize_kernel: elementwise over N, gathers its group's mean and std and writes adv.
 Launch table: fp32 rewards and statistics, int64 indices (what torch.unique and argsort return), BLOCK
-fixed and GLOBAL_STD in GLOBAL_STD_VALUES; `compile_configs()` enumerates it for the compile test.
+fixed; `compile_configs()` enumerates it for the compile test.
 """
 
 import torch
@@ -19,13 +20,7 @@ import triton.language as tl
 
 BLOCK = 128  # members per loop iteration / elements per normalize program; groups are ~8 to 48
 NUM_WARPS = 4  # Triton's default, passed explicitly so that the compile test builds what runs
-GLOBAL_STD_VALUES = (False, True)
-STATS_CONSTEXPRS = {"BLOCK": BLOCK}
-
-
-def normalize_constexprs(global_std):
-    """The constexpr arguments _normalize_kernel is launched with."""
-    return {"GLOBAL_STD": bool(global_std), "BLOCK": BLOCK}
+CONSTEXPRS = {"BLOCK": BLOCK}  # both kernels'
 
 
 @triton.jit
@@ -59,17 +54,13 @@ def _group_stats_kernel(r_ptr, order_ptr, starts_ptr, mean_ptr, std_ptr, BLOCK: 
 
 
 @triton.jit
-def _normalize_kernel(r_ptr, inverse_ptr, mean_ptr, std_ptr, adv_ptr, N, eps, clip,
-                      GLOBAL_STD: tl.constexpr, BLOCK: tl.constexpr):
+def _normalize_kernel(r_ptr, inverse_ptr, mean_ptr, std_ptr, adv_ptr, N, eps, clip, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < N
     r = tl.load(r_ptr + i, mask=m, other=0.0)
     g = tl.load(inverse_ptr + i, mask=m, other=0)
     mean = tl.load(mean_ptr + g, mask=m, other=0.0)
-    if GLOBAL_STD:
-        std = tl.load(std_ptr)  # the single segment [0, N)
-    else:
-        std = tl.load(std_ptr + g, mask=m, other=0.0)
+    std = tl.load(std_ptr + g, mask=m, other=0.0)
     adv = tl.where(std == 0, 0.0, (r - mean) / (std + eps))
     adv = tl.minimum(tl.maximum(adv, -clip), clip)
     tl.store(adv_ptr + i, adv, mask=m)
@@ -79,10 +70,9 @@ def compile_configs():
     """Every (kernel, signature, constexprs, num_warps) group_advantages_triton can launch."""
     types = {"r_ptr": "*fp32", "order_ptr": "*i64", "starts_ptr": "*i64", "inverse_ptr": "*i64", "mean_ptr": "*fp32",
              "std_ptr": "*fp32", "adv_ptr": "*fp32", "N": "i32", "eps": "fp32", "clip": "fp32"}
-    launches = [(_group_stats_kernel, STATS_CONSTEXPRS)]
-    launches += [(_normalize_kernel, normalize_constexprs(g)) for g in GLOBAL_STD_VALUES]
-    for kernel, meta in launches:
-        yield kernel, {n: "constexpr" if n in meta else types[n] for n in kernel.arg_names}, meta, NUM_WARPS
+    for kernel in (_group_stats_kernel, _normalize_kernel):
+        signature = {n: "constexpr" if n in CONSTEXPRS else types[n] for n in kernel.arg_names}
+        yield kernel, signature, CONSTEXPRS, NUM_WARPS
 
 
 def group_advantages_triton(rewards, group_ids, eps, clip, global_std):
@@ -95,14 +85,15 @@ def group_advantages_triton(rewards, group_ids, eps, clip, global_std):
     starts[1:] = counts.cumsum(0)
     mean = torch.empty(num_groups, dtype=torch.float32, device=device)
     std = torch.empty(num_groups, dtype=torch.float32, device=device)
-    _group_stats_kernel[(num_groups,)](r, order, starts, mean, std, **STATS_CONSTEXPRS, num_warps=NUM_WARPS)
-    if global_std:  # replace the per-group stds by the std of the single segment [0, N)
+    _group_stats_kernel[(num_groups,)](r, order, starts, mean, std, **CONSTEXPRS, num_warps=NUM_WARPS)
+    if global_std:  # the std of the single segment [0, N) for every group but the constant ones (std 0)
         all_starts = torch.tensor([0, N], dtype=torch.int64, device=device)
         all_order = torch.arange(N, device=device)
-        std = torch.empty(1, dtype=torch.float32, device=device)
-        _group_stats_kernel[(1,)](r, all_order, all_starts, torch.empty_like(std), std, **STATS_CONSTEXPRS,
+        std_all = torch.empty(1, dtype=torch.float32, device=device)
+        _group_stats_kernel[(1,)](r, all_order, all_starts, torch.empty_like(std_all), std_all, **CONSTEXPRS,
                                   num_warps=NUM_WARPS)
+        std = torch.where(std == 0, 0.0, std_all)
     adv = torch.empty(N, dtype=torch.float32, device=device)
     _normalize_kernel[(triton.cdiv(N, BLOCK),)](r, inverse, mean, std, adv, N, float(eps), float(clip),
-                                                **normalize_constexprs(global_std), num_warps=NUM_WARPS)
+                                                **CONSTEXPRS, num_warps=NUM_WARPS)
     return adv

@@ -7,9 +7,10 @@ The math. Rewards R (N,), group ids (N,) (any integers, any group sizes, in any 
 with the population std (divide by n_g), eps = 1e-4 and clip = 5 by default (Flow-GRPO). A group whose
 rewards are all equal (singletons included) has std exactly 0 and gets adv 0 for every member, never
 NaN; "all equal" is tested as max == min, because a rounded fp32 mean can leave a tiny nonzero std.
-global_std=True reproduces Flow-GRPO's baseline: mean per group, std over ALL N rewards (all adv 0 if
-every reward is equal). Output fp32 (N,). Variances are two-pass (mean first, then squared deviations):
-rewards such as PickScore sit near 22 with a spread below 1, where E[R^2] - E[R]^2 loses digits in fp32.
+global_std=True reproduces Flow-GRPO's baseline: mean per group, std over ALL N rewards; a constant group
+still gets adv exactly 0 (its R_i - mean_g is round-off, which a global std would turn into |adv| ~1e-5).
+Output fp32 (N,). Variances are two-pass (mean first, then squared deviations): rewards such as PickScore
+sit near 22 with a spread below 1, where E[R^2] - E[R]^2 loses digits in fp32.
 
 The Triton kernels are in _advantages_triton.py, imported the first time the Triton backend runs. The
 first Triton call of a process is compared with the reference (see progrpo_kernels/__init__.py).
@@ -27,19 +28,20 @@ ADV_ULPS = 4
 
 
 def _deviation_and_std(r, group_ids, global_std):
-    """(R_i - mean_g, std_g), fp32 (N,) each, vectorised over groups; std exactly 0 for constant groups."""
+    """(R_i - mean_g, std_g), fp32 (N,) each, vectorised over groups; std exactly 0 for constant groups, also
+    under global_std (where R_i - mean_g of a constant group is fp32 round-off, not a signal)."""
     _, inverse, counts = torch.unique(group_ids.reshape(-1).to(r.device), return_inverse=True, return_counts=True)
     num_groups = counts.numel()
     n = counts.float()  # (n_groups,)
     mean = torch.zeros(num_groups, device=r.device).index_add_(0, inverse, r) / n
     dev = r - mean[inverse]  # (N,)
-    if global_std:
-        std_all = torch.where(r.max() == r.min(), 0.0, ((r - r.mean()) ** 2).mean().sqrt())  # 0-d
-        return dev, std_all.expand(r.numel())
-    var = torch.zeros(num_groups, device=r.device).index_add_(0, inverse, dev * dev) / n
     hi = torch.full((num_groups,), -torch.inf, device=r.device).scatter_reduce_(0, inverse, r, "amax")
     lo = torch.full((num_groups,), torch.inf, device=r.device).scatter_reduce_(0, inverse, r, "amin")
-    return dev, torch.where(hi == lo, 0.0, var.sqrt())[inverse]  # exactly 0 for constant groups
+    if global_std:
+        std = ((r - r.mean()) ** 2).mean().sqrt().expand(num_groups)  # one std over all N
+    else:
+        std = (torch.zeros(num_groups, device=r.device).index_add_(0, inverse, dev * dev) / n).sqrt()
+    return dev, torch.where(hi == lo, 0.0, std)[inverse]  # exactly 0 for constant groups
 
 
 def group_advantages_torch(rewards, group_ids, eps=1e-4, clip=5.0, global_std=False):

@@ -226,7 +226,7 @@ def brute_force_advantages(rewards, ids, eps, clip, global_std):
         members = [r[j] for j in range(len(r)) if ids[j] == ids[i]]
         mean = sum(members) / len(members)
         std = all_std if global_std else math.sqrt(sum((a - mean) ** 2 for a in members) / len(members))
-        constant = (len(set(r)) if global_std else len(set(members))) == 1
+        constant = len(set(members)) == 1  # exactly 0, under a global std too
         out.append(0.0 if constant else max(-clip, min(clip, (ri - mean) / (std + eps))))
         tol.append(adv_tolerance(max(map(abs, r)), std, eps))
     return torch.tensor(out, dtype=torch.float64), torch.tensor(tol, dtype=torch.float64)
@@ -252,11 +252,13 @@ def test_group_advantages_triton_matches_reference(global_std):
         assert torch.all(diff <= brute_force_advantages(rewards.cpu(), ids.cpu(), 1e-4, 5.0, global_std)[1])
 
 
+@pytest.mark.parametrize("global_std", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_group_advantages_zero_variance_is_exactly_zero(backend):
-    """Singleton and constant groups (even ones whose rounded fp32 mean is inexact) give exactly 0, never NaN."""
+def test_group_advantages_zero_variance_is_exactly_zero(backend, global_std):
+    """Singleton and constant groups (even ones whose rounded fp32 mean is inexact) give exactly 0, never NaN, also
+    under a global std, where their fp32 round-off over the batch's std would be |adv| ~1e-5."""
     rewards, ids = random_groups(6)
-    adv = group_advantages(rewards, ids, backend=backend)
+    adv = group_advantages(rewards, ids, global_std=global_std, backend=backend)
     constant = torch.isin(ids, torch.tensor([-37, 963, 3963, 6963], device=ids.device))
     assert torch.all(adv[constant] == 0) and not torch.isnan(adv).any()
     same = torch.full((6,), 22.37, device=DEVICE)
