@@ -5,7 +5,7 @@
 #   test            the test suite (CPU, offline)
 #   lock            move requirements.lock to the newest releases that pass the suite
 #   bench           progrpo_kernels/bench.py: Triton vs torch timings
-#   eval            the paper's evaluation: bash run.sh eval sd35|sd14|demo [--weights DIR ...] (repro/eval.py)
+#   eval            the paper's evaluation: bash run.sh eval sd35|sd14|flux|demo [--weights DIR ...] (repro/eval.py)
 #   premise         will pruning help? bash run.sh premise demo|shapes|sd35|sd14|... [flags] (repro/premise.py)
 #   sd35*           the paper's flow settings on a GPU (SD3.5-Medium, PickScore); needs `hf auth login`
 #   sd14*           the paper's diffusion settings on a GPU (SD-v1.4, DDIM eta 1, HPSv2.1)
@@ -305,7 +305,7 @@ case "$preset" in
         esac
         echo "report: $out/comparison.md, $out/comparison.png"
         ;;
-    eval)           # the paper's evaluation (repro/eval.py): bash run.sh eval sd35|sd14|demo [--weights DIR ...]
+    eval)           # the paper's evaluation (repro/eval.py): bash run.sh eval sd35|sd14|flux|demo [--weights DIR ...]
         target="${1:-demo}"
         [ $# -gt 0 ] && shift
         [ "$target" = sd14 ] && fetch_hpsv2_prompts  # the HPSv2 benchmark prompts and open_clip for HPSv2.1

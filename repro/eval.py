@@ -2,6 +2,7 @@
 
     python -m repro.eval sd35 --weights outputs/sd35      (bash run.sh eval sd35 --weights outputs/sd35)
     python -m repro.eval sd14 --weights outputs/sd14      (bash run.sh eval sd14 ...: fetches the HPSv2 benchmark)
+    python -m repro.eval flux --weights outputs/flux      (FLUX.1-dev; the paper has no FLUX table)
     python -m repro.eval demo                             (CPU, minutes: the demo's base model and its LoRA)
     python -m repro.eval sd35 --weights a/checkpoint-100 --weights b --geneval evaluation_metadata.jsonl
 
@@ -15,7 +16,9 @@ The protocol, one row per model (the base first, then each --weights folder):
      dataset/hpsv2/test.txt), never trained on. `--prompts FILE` evaluates one file instead.
   2. Sampler: progrpo.sample_deterministic, the deterministic sampler training evaluates with: the Euler ODE for
      flow models (SD3.5-M: 40 steps, CFG 4.5, 512 px, as Flow-GRPO evaluates), DDIM with eta = 0 for SD1.x
-     (SD-v1.4: 50 steps, CFG 5.0, 512 px, DanceGRPO's settings). The demo uses the demo's own flags from run.sh.
+     (SD-v1.4: 50 steps, CFG 5.0, 512 px, DanceGRPO's settings), the Euler ODE with FLUX.1-dev's distilled
+     guidance 3.5 in one call (28 steps, 512 px, as Flow-GRPO's pickscore_flux evaluates). The demo uses the
+     demo's own flags from run.sh.
   3. Seeds: image j of prompt i starts from noise that depends only on (--seed, i, j): prompts go in fixed chunks
      of CHUNK, and chunk c's image j is sampled with seed trajectory_seed(seed, "eval", c, j), which
      sample_deterministic turns into one generator per row. The base and every trained model see the same noise,
@@ -66,7 +69,7 @@ PAPER_METRICS = (("PickScore", "repro.scorers.PickScore"), ("Aesthetic", "repro.
                  ("ImageReward", "repro.scorers.ImageReward"), ("HPSv2.1", "repro.scorers.HPSv2"),
                  ("CLIP score", "repro.scorers.CLIPScore"))
 
-# The sampling flags of run.sh's SD35 and SD14 presets that the evaluation uses (test_eval checks they agree).
+# The sampling flags of run.sh's SD35, SD14 and FLUX presets that the evaluation uses (test_eval checks they agree).
 PRESETS = {
     "sd35": dict(flags=dict(pretrained_model_name_or_path="stabilityai/stable-diffusion-3.5-medium", resolution=512,
                             eval_steps=40, guidance_scale=4.5, mixed_precision="fp16"),
@@ -74,6 +77,9 @@ PRESETS = {
     "sd14": dict(flags=dict(pretrained_model_name_or_path="CompVis/stable-diffusion-v1-4", resolution=512,
                             eval_steps=50, guidance_scale=5.0, mixed_precision="bf16"),
                  benchmarks=("drawbench", "hpsv2"), label="SD-v1.4, DDIM (eta 0) sampler"),
+    "flux": dict(flags=dict(pretrained_model_name_or_path="black-forest-labs/FLUX.1-dev", resolution=512,
+                            eval_steps=28, guidance_scale=3.5, max_sequence_length=128, mixed_precision="bf16"),
+                 benchmarks=("drawbench",), label="FLUX.1-dev, Euler ODE sampler, distilled guidance"),
 }
 
 
@@ -332,7 +338,7 @@ def read_geneval_metadata(path):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("preset", choices=["sd35", "sd14", "demo"], help="the setting whose protocol to run")
+    parser.add_argument("preset", choices=[*PRESETS, "demo"], help="the setting whose protocol to run")
     parser.add_argument("--weights", action="append", default=None,
                         help="trained weights to evaluate beside the base model (repeatable): a LoRA folder, a full "
                              "fine-tune folder (transformer/ or unet/) or a checkpoint-N folder; demo: its output_dir")
@@ -415,8 +421,9 @@ def main(argv=None):
             torch.cuda.empty_cache()
 
     precision = "fp32" if args.mixed_precision == "no" else f"{args.mixed_precision} autocast"
-    protocol = (f"Protocol: {sampler}, {args.eval_steps} steps, CFG {args.guidance_scale}, {args.resolution} px, "
-                f"{precision}; {opts.images_per_prompt} image(s) per prompt, noise seeded by "
+    guidance = "guidance" if opts.preset == "flux" else "CFG"  # FLUX.1-dev's is a model input, not two calls
+    protocol = (f"Protocol: {sampler}, {args.eval_steps} steps, {guidance} {args.guidance_scale}, "
+                f"{args.resolution} px, {precision}; {opts.images_per_prompt} image(s) per prompt, noise seeded by "
                 f"(seed {opts.seed}, prompt, image); cells: mean ± standard error over prompts of the per-prompt "
                 "mean.")
     sourced = (f"Rows marked (paper): the paper's own figures, from repro/{PAPER_TABLES.name}, not measured here; "

@@ -77,6 +77,22 @@ def test_table_rows_weights_seeds_and_geneval(tiny_dir, tmp_path):
             assert sorted(p.name for p in (folder / "samples").iterdir()) == ["0000.png", "0001.png"]
 
 
+def test_flux_preset_evaluates_a_flux_lora(tiny_dir, tmp_path, monkeypatch):
+    """`eval flux` on the tiny FLUX.1-dev folder (the preset's flags but 32 px, 3 steps, fp32): the FLUX.1 family
+    samples, its LoRA loads and changes the scores, and the protocol line names FLUX's distilled guidance."""
+    flags = {**ev.PRESETS["flux"]["flags"], "resolution": 32, "eval_steps": 3, "max_sequence_length": 16,
+             "mixed_precision": "no"}
+    monkeypatch.setitem(ev.PRESETS["flux"], "flags", flags)
+    lora = _trained(tiny_dir, tmp_path / "lora", False, kind="flux")
+    record = ev.main(["flux", "--pretrained_model_name_or_path", str(tiny_dir / "flux"), "--weights", str(lora),
+                      "--prompts", str(tiny_dir / "test.txt"), "--num_prompts", "2", "--metrics", METRICS,
+                      "--output_dir", str(tmp_path / "eval")])
+    summary = record["benchmarks"]["test"]["summary"]
+    base, trained = (summary[name]["repro.tiny.Colour"]["mean"] for name in record["models"])
+    assert abs(trained - base) > 1e-3 and record["sampler"]["guidance_scale"] == 3.5
+    assert "3 steps, guidance 3.5, 32 px" in record["protocol"]
+
+
 def test_wrong_weights_are_refused(tiny_dir, tmp_path):
     """A folder without weights names its newest checkpoint; an SD1 LoRA on the SD3 base fails, not passes as base."""
     (tmp_path / "run" / "checkpoint-5").mkdir(parents=True)
@@ -128,9 +144,10 @@ def test_drawbench_csv(tmp_path, monkeypatch):
 
 
 def test_presets_follow_run_sh():
-    """The eval presets' sampling flags are run.sh's SD35 / SD14 flags; the demo preset parses run.sh's demo."""
+    """The eval presets' sampling flags are run.sh's SD35 / SD14 / FLUX flags; the demo preset parses run.sh's demo."""
     text = (Path(ev.ROOT) / "run.sh").read_text()
-    names = {"sd35": "SD35", "sd14": "SD14"}
+    names = {"sd35": "SD35", "sd14": "SD14", "flux": "FLUX"}
+    assert set(ev.PRESETS) == set(names)
     for preset, array in names.items():
         flags = re.search(rf"^{array}=\((.*?)\)\s*$", text, re.S | re.M)[1]
         for name, value in ev.PRESETS[preset]["flags"].items():
