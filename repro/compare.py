@@ -36,6 +36,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -122,12 +123,22 @@ def train(args):
 
 
 def run_all(runs, jobs):
-    """Histories of `runs` (name -> progrpo.Args), `jobs` at a time (separate processes; set OMP_NUM_THREADS=1)."""
+    """Histories of `runs` (name -> progrpo.Args), `jobs` at a time (separate processes; set OMP_NUM_THREADS=1).
+    If a run fails or this process is stopped (Ctrl-C, SIGTERM), the queued runs are dropped and the running ones
+    stopped at once: no worker goes on unseen. Finished runs are kept and read back on the next call."""
     if jobs == 1:
         return {key: train(run) for key, run in runs.items()}
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:  # no forked torch
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))  # no forked torch
+    try:
         futures = {key: pool.submit(train, run) for key, run in runs.items()}
         return {key: f.result() for key, f in futures.items()}
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in multiprocessing.active_children():
+            worker.terminate()
+        raise
+    finally:
+        pool.shutdown()
 
 
 def eval_curve(history, per_epoch):
@@ -375,6 +386,7 @@ def parse(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # `kill` unwinds run_all as Ctrl-C
     try:
         compare(*parse())
     except progrpo.RunError as e:

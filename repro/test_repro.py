@@ -4,6 +4,11 @@ CPU only, offline; each test says in its docstring the one property it pins.
 """
 
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -141,6 +146,58 @@ def test_comparison_harness_runs(tmp_path, tiny_dir, monkeypatch):
     stamp = (Path(run.output_dir) / "metrics.jsonl").stat().st_mtime_ns
     assert len(compare.train(run)) == 1 and (Path(run.output_dir) / "metrics.jsonl").stat().st_mtime_ns == stamp
     assert compare.finished_history(dataclasses.replace(run, learning_rate=5e-3)) is None  # other flags: rerun
+
+
+def children_of(pid):
+    """PIDs of the live (not zombie) processes whose parent is `pid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except OSError:  # the process ended while we looked
+            continue
+        if fields[1] == str(pid) and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid):
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc (Linux)")
+def test_stopping_a_comparison_stops_its_workers(tiny_dir, tmp_path):
+    """`kill` on `python -m repro.compare --jobs 2` stops the runs its worker processes were running, and it exits
+    143: no worker goes on using the cores unseen, as they did before run_all stopped them."""
+    flags = ["--pretrained_model_name_or_path", str(tiny_dir / "flow"), "--prompts", str(tiny_dir / "train.txt"),
+             "--eval_prompts", str(tiny_dir / "test.txt"), "--reward", "repro.tiny.Colour", "--resolution", "16",
+             "--mixed_precision", "no", "--max_sequence_length", "16", "--prompts_per_epoch", "2", "--no-ema",
+             "--num_eval_prompts", "3", "--eval_every", "1000", "--output_dir", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "repro.compare", "--jobs", "2", "--seeds", "1", "--max_flops",
+                             "1e15", "--methods", "grpo,pro-grpo", *flags], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    workers, deadline = [], time.monotonic() + 180
+    try:
+        while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            workers = [pid for pid in children_of(proc.pid)
+                       if b"--multiprocessing-fork" in (Path("/proc") / str(pid) / "cmdline").read_bytes()]
+        assert len(workers) == 2, f"no two workers started: {proc.poll()} {proc.stderr.read() if proc.poll() else ''}"
+        time.sleep(2)  # into their runs
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(alive(pid) for pid in workers)
+    finally:
+        for pid in [proc.pid, *workers]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_diagnostics_on_the_base_model(tmp_path, tiny_dir):
