@@ -217,7 +217,7 @@ case "$preset" in
         echo "pictures: outputs/demo/samples/*.png, outputs/demo/reward_curve.png; metrics: outputs/demo/metrics.jsonl"
         ;;
     shapes)         # Pro-GRPO on the compositional shapes testbed (repro/shapes.py): GenEval-like prompts, a
-                    # reward that counts satisfied constraints; eval on the 136 held-out compositions (3.5 min)
+                    # reward that counts satisfied constraints; eval on the 136 held-out compositions (3.7 min)
         "$PY" progrpo.py "${SHAPES[@]}" --num_epochs 40 --group_size 16 --prune 5:8,7:4 --eval_every 10 \
             --learning_rate 1e-3 --output_dir outputs/shapes "$@"
         echo "pictures: outputs/shapes/samples/*.png, outputs/shapes/reward_curve.png;" \
@@ -271,9 +271,10 @@ case "$preset" in
     compare)        # matched compute: bash run.sh compare [digits|shapes|...] [flags]; 2 runs at a time
                     # digits (default): the demo's task, 5 methods x 1 cell x 3 seeds (4 methods took 6 min on 2 idle
                     # cores, 45 min shared). shapes: the compositional testbed, 5 methods x 2 learning rates x 5 seeds,
-                    # held-out compositions (62 min on 2 cores, 2026-12-06). shapes-pool: the same on a fixed pool
-                    # of 6 training prompts, 16 ODE samples of each evaluated, 1e13 FLOPs a run. shapes-ablation:
-                    # Pro-GRPO's checkpoints (early, the paper's, late) and G_max (16, 32), 3 seeds (16 min)
+                    # held-out compositions (65 min on 2 cores from a fresh clone, 2026-12-06). shapes-pool: the
+                    # same on a fixed pool of 6 training prompts, 16 ODE samples of each evaluated, 1e13 FLOPs a run
+                    # (about 2 h 11 min). shapes-ablation: Pro-GRPO's checkpoints (early, the paper's, late) and
+                    # G_max (16, 32), 3 seeds (16 min)
         target=digits
         case "${1:-}" in digits|shapes|shapes-pool|shapes-ablation) target="$1"; shift ;; esac
         case "$target" in
