@@ -269,9 +269,9 @@ case "$preset" in
         "$PY" -m progrpo_kernels.bench "$@"
         ;;
     compare)        # matched compute: bash run.sh compare [digits|shapes|...] [flags]; 2 runs at a time
-                    # digits (default): the demo's task, 5 methods x 1 cell x 3 seeds (4 methods took 6 min on 2 idle
-                    # cores, 45 min shared). shapes: the compositional testbed, 5 methods x 2 learning rates x 5 seeds,
-                    # held-out compositions (65 min on 2 cores from a fresh clone, 2026-12-06). shapes-pool: the
+                    # digits (default): the demo's task, 5 methods x 1 cell x 3 seeds (6 min from a fresh clone on 2
+                    # idle cores, 2026-12-06). shapes: the compositional testbed, 5 methods x 2 learning rates x 5
+                    # seeds, held-out compositions (65 min on 2 cores from a fresh clone, 2026-12-06). shapes-pool: the
                     # same on a fixed pool of 6 training prompts, 16 ODE samples of each evaluated, 1e13 FLOPs a run
                     # (about 2 h 11 min). shapes-ablation: Pro-GRPO's checkpoints (early, the paper's, late) and
                     # G_max (16, 32), 3 seeds (16 min)
