@@ -148,24 +148,23 @@ def test_comparison_harness_runs(tmp_path, tiny_dir, monkeypatch):
     assert compare.finished_history(dataclasses.replace(run, learning_rate=5e-3)) is None  # other flags: rerun
 
 
+def stat_fields(stat):
+    """The fields of a /proc/PID/stat file after the command name (which may hold spaces), or None if it ended."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def children_of(pid):
     """PIDs of the live (not zombie) processes whose parent is `pid`, from /proc."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-        except OSError:  # the process ended while we looked
-            continue
-        if fields[1] == str(pid) and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
+    return [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
+            if (fields := stat_fields(stat)) and fields[1] == str(pid) and fields[0] != "Z"]
 
 
 def alive(pid):
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    fields = stat_fields(Path("/proc") / str(pid) / "stat")
+    return fields is not None and fields[0] != "Z"
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc (Linux)")
